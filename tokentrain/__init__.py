@@ -1,0 +1,3 @@
+"""tokentrain: token-level training objectives on the Hugging Face stack."""
+
+__version__ = "0.1.0"
