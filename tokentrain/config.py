@@ -1,0 +1,275 @@
+"""Recipe YAML -> config dataclasses. Unknown keys and wrong types are errors that name the key; `--key value`
+overrides are typed by the field they set.
+
+A recipe is a folder of numbered stage files (`01_sft_ref.yaml`, `02_score.yaml`, ...). Each file is flat: `stage`
+names the command, the stage's own keys (below) configure it, and every other key must be a field of the stage's
+trainer config (`SFTConfig`, `WeightedNTPConfig`, ...). String values may use `{run_dir}` (the recipe's output
+folder, `--run_dir`) and `{data_dir}` (the shared data folder, `--data_dir` or $TOKENTRAIN_DATA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe key, value or type is wrong; the message names the file and key."""
+
+
+@dataclass
+class StageConfig:
+    """Keys common to every stage."""
+
+    stage: str = field(metadata={"help": "Command: prepare, sft, score, train, generate or evaluate."})
+    output_dir: str = field(default="", metadata={"help": "Output folder (relative paths are under run_dir)."})
+    seed: int = field(default=0, metadata={"help": "Random seed of the stage."})
+
+
+@dataclass
+class PrepareStage(StageConfig):
+    task: str = field(default="e2e", metadata={"help": "'e2e' (../shared/data/e2e) or 'e2e_synthetic' (made in code)."})
+    data_dir: str = field(default="{data_dir}", metadata={"help": "Folder of the shared data (task 'e2e')."})
+    num_rows: int = field(default=2000, metadata={"help": "Rows generated for 'e2e_synthetic'."})
+    vocab_size: int = field(default=512, metadata={"help": "Vocabulary of the tokenizer trained in code."})
+
+
+@dataclass
+class SFTStage(StageConfig):
+    model: str = field(default="", metadata={"help": "Hub name or folder of the model to train."})
+    dataset: str = field(
+        default="", metadata={"help": "Train rows: a jsonl/json/csv file, a stage folder, a hub name."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    drop_prompt: bool = field(
+        default=False, metadata={"help": "Train on [BOS] + completion alone (PRIOR's text-only reference)."}
+    )
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules."})
+
+
+@dataclass
+class TrainStage(SFTStage):
+    objective: str = field(default="weighted_ntp", metadata={"help": "Objective stem (see `tokentrain --help`)."})
+
+
+@dataclass
+class ScoreStage(StageConfig):
+    signal: str = field(default="ref_logps", metadata={"help": "Signal to compute: ref_logps."})
+    model: str = field(default="", metadata={"help": "The frozen reference model (hub name or folder)."})
+    tokenizer: str = field(default="", metadata={"help": "The policy's tokenizer (default: the reference's)."})
+    dataset: str = field(default="", metadata={"help": "Rows to score."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    drop_prompt: bool = field(default=False, metadata={"help": "Score completions seen after [BOS] alone."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per forward (sorted by length, longest first)."})
+    dtype: str = field(default="float32", metadata={"help": "Reference weights dtype: float32 or bfloat16."})
+
+
+@dataclass
+class EvaluateStage(StageConfig):
+    task: str = field(default="e2e", metadata={"help": "Grading task: e2e."})
+    models: dict = field(default_factory=dict, metadata={"help": "name -> model folder, evaluated in order."})
+    dataset: str = field(default="", metadata={"help": "Held-out rows (prompt/completion + task fields)."})
+    max_new_tokens: int = field(default=80, metadata={"help": "Greedy decoding budget."})
+    batch_size: int = field(default=32, metadata={"help": "Rows per generation batch."})
+
+
+STAGES: dict[str, type[StageConfig]] = {
+    "prepare": PrepareStage,
+    "sft": SFTStage,
+    "train": TrainStage,
+    "score": ScoreStage,
+    "evaluate": EvaluateStage,
+}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert `value` (YAML or a CLI string) to `annotation`, or raise ConfigError naming the key."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"key {key!r}: {value!r} fits none of {annotation}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"key {key!r}: expected true/false, got {value!r}")
+    if annotation in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"key {key!r}: expected {annotation.__name__}, got {value!r}")
+        try:
+            out = (
+                annotation(value)
+                if not isinstance(value, str)
+                else annotation(float(value) if annotation is float else int(value))
+            )
+        except (TypeError, ValueError):
+            raise ConfigError(f"key {key!r}: expected {annotation.__name__}, got {value!r}") from None
+        if annotation is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"key {key!r}: expected an integer, got {value!r}")
+        return out
+    if annotation is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"key {key!r}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (list, dict) or annotation in (list, dict):
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        want = origin or annotation
+        if not isinstance(value, want):
+            raise ConfigError(f"key {key!r}: expected a {want.__name__}, got {value!r}")
+        return value
+    return value  # enums and other types: the config's own __post_init__ validates
+
+
+def parse_override_args(argv: list[str]) -> dict[str, str]:
+    """`--key value` pairs (and `--key=value`) -> dict of strings; a bare `--flag` means true."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --key value, got {arg!r}")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            i += 1
+        else:
+            value = "true"
+        out[key.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def trainer_config_class(stage: StageConfig):
+    """The trainer config dataclass whose fields the stage's other keys set (None for stages without a trainer)."""
+    if isinstance(stage, TrainStage):
+        from .cli import OBJECTIVES  # the one registry
+
+        if stage.objective not in OBJECTIVES:
+            raise ConfigError(f"objective {stage.objective!r} is unknown; valid: {sorted(OBJECTIVES)}")
+        return OBJECTIVES[stage.objective][0]
+    if isinstance(stage, SFTStage):
+        from trl import SFTConfig
+
+        return SFTConfig
+    return None
+
+
+@dataclass
+class Stage:
+    """One parsed stage file: its own keys, the trainer config keys, and where it came from."""
+
+    path: Path
+    config: StageConfig
+    trainer_kwargs: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def load_stage(
+    path: str | Path, overrides: dict[str, Any] | None = None, variables: dict[str, str] | None = None, strict=True
+) -> Stage:
+    """Parse a stage YAML; `overrides` win over the file. With `strict=False` (a recipe's shared overrides), keys the
+    stage does not know are ignored rather than errors."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
+    kind = (overrides or {}).get("stage", raw.get("stage"))
+    if kind not in STAGES:
+        raise ConfigError(f"{path}: 'stage' must be one of {sorted(STAGES)}, got {kind!r}")
+    stage_cls = STAGES[kind]
+    stage_fields = {f.name for f in dataclasses.fields(stage_cls)}
+    hints = _hints(stage_cls)
+    values = {**raw, **(overrides or {})}
+    variables = variables or {}
+
+    def expand(v):
+        if isinstance(v, str):
+            return v.format_map(_Vars(variables)) if "{" in v else v
+        if isinstance(v, dict):
+            return {k: expand(x) for k, x in v.items()}
+        return v
+
+    stage_values = {k: coerce(expand(v), hints[k], f"{path.name}:{k}") for k, v in values.items() if k in stage_fields}
+    config = stage_cls(**stage_values)
+    if config.output_dir and variables.get("run_dir") and not Path(config.output_dir).is_absolute():
+        config.output_dir = str(Path(variables["run_dir"]) / config.output_dir)
+
+    trainer_cls = trainer_config_class(config)
+    trainer_hints = _hints(trainer_cls) if trainer_cls else {}
+    trainer_kwargs = {}
+    for k, v in values.items():
+        if k in stage_fields:
+            continue
+        if k not in trainer_hints:
+            if not strict and overrides and k in overrides and k not in raw:
+                continue
+            valid = sorted(stage_fields)
+            close = difflib.get_close_matches(k, list(stage_fields) + list(trainer_hints), n=3)
+            where = f"fields of {trainer_cls.__name__}" if trainer_cls else "nothing else"
+            raise ConfigError(
+                f"{path}: unknown key {k!r}"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + f". Valid keys: the stage keys {valid}, and {where}."
+            )
+        trainer_kwargs[k] = coerce(expand(v), trainer_hints[k], f"{path.name}:{k}")
+    return Stage(path=path, config=config, trainer_kwargs=trainer_kwargs)
+
+
+class _Vars(dict):
+    def __missing__(self, key):
+        raise ConfigError(f"unknown variable {{{key}}} in a recipe value; known: {sorted(self)}")
+
+
+def recipe_stages(recipe: str | Path) -> list[Path]:
+    """The numbered stage files of a recipe folder, in order (or a single stage file)."""
+    recipe = Path(recipe)
+    if recipe.is_file():
+        return [recipe]
+    if not recipe.is_dir():
+        raise ConfigError(f"recipe not found: {recipe}")
+    files = sorted(p for p in recipe.glob("[0-9]*.yaml"))
+    if not files:
+        raise ConfigError(f"{recipe} holds no numbered stage files (01_*.yaml, ...)")
+    return files
+
+
+def default_data_dir() -> str:
+    """$TOKENTRAIN_DATA, else ../shared/data beside the checkout (absent in a fresh clone: stages that need it say so)."""
+    if os.environ.get("TOKENTRAIN_DATA"):
+        return os.environ["TOKENTRAIN_DATA"]
+    return str(Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -1,0 +1,337 @@
+"""Data: load rows, tokenise them exactly as TRL's SFTTrainer does, carry token-aligned signal columns, collate.
+
+The signal contract (DESIGN.md). A scoring pass stores, per row, `completion_ids` (the target tokens as the trainer
+tokenises the row) and per-token signals of the same length (`ref_logps`, `token_weights`, ...). Before training, the
+trainer tokenises each row itself, checks its completion tokens against the stored ids (`SignalAlignmentError` names
+the row and the first differing position), and expands each signal to the full row: S[p] is the signal of the token at
+input position p, 0.0 on prompt and padding. Truncation, padding, padding-free and bfd packing then treat the signal
+exactly like `input_ids`, so it stays aligned by construction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from datasets import Dataset, load_dataset, load_from_disk
+from trl.data_utils import _tokenize, common_prefix_length, is_conversational, pack_dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from .tokens import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+META_FILE = "signal_meta.json"
+DONE_FILE = "_COMPLETE"
+
+
+class SignalAlignmentError(ValueError):
+    """Stored signal ids differ from the trainer's own tokenisation of the row."""
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+
+
+def load_rows(source: str | Path, split: str = "train", name: str | None = None) -> Dataset:
+    """Rows from a local jsonl/json/csv file (gzip ok), a folder written by a tokentrain stage, or a hub dataset."""
+    path = Path(str(source))
+    if path.is_dir():
+        if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+            return load_from_disk(str(path))
+        files = sorted(p for p in path.iterdir() if _file_format(p) is not None)
+        if not files:
+            raise FileNotFoundError(f"{path} holds no dataset: expected a saved dataset or jsonl/json/csv files")
+        return load_dataset(_file_format(files[0]), data_files=[str(p) for p in files], split="train")
+    if path.exists():
+        fmt = _file_format(path)
+        if fmt is None:
+            raise ValueError(f"{path}: unknown file type; use .jsonl, .json or .csv (optionally .gz)")
+        return load_dataset(fmt, data_files=str(path), split="train")
+    if str(source).startswith((".", "/")) or str(source).endswith((".jsonl", ".json", ".csv", ".gz")):
+        raise FileNotFoundError(f"dataset file not found: {source}")
+    return load_dataset(str(source), name, split=split)  # hub dataset name
+
+
+def _file_format(path: Path) -> str | None:
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    ext = suffixes[-1] if suffixes else ""
+    return {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(ext)
+
+
+def require_columns(dataset: Dataset, columns: list[str], hint: str = "") -> None:
+    """Raise naming every missing column (and the stage that writes it, via `hint`)."""
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise KeyError(f"dataset lacks column(s) {missing} (has {dataset.column_names}){'; ' + hint if hint else ''}")
+
+
+# ------------------------------------------------------------------------------------------------------ atomic output
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    return (Path(out_dir) / DONE_FILE).exists()
+
+
+@contextlib.contextmanager
+def atomic_output(out_dir: str | Path, overwrite: bool = False, keep_partial: bool = False) -> Iterator[Path]:
+    """Write a stage's output to `<out>.tmp/`, then rename it to `<out>/` with a completion marker.
+
+    A run killed inside the block leaves only `<out>.tmp/`: nothing half-written is ever read as a finished output.
+    The next attempt deletes it, or, with `keep_partial` (training stages), keeps it so that training resumes from
+    its last checkpoint. A finished output is refused unless `overwrite`. With several processes, the main process
+    owns the folder and the others wait for it at the start and the end.
+    """
+    from accelerate import PartialState
+
+    state = PartialState()
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds a finished output; pass --overwrite to replace it")
+    if state.is_main_process:
+        if tmp.exists() and not keep_partial:
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+    state.wait_for_everyone()
+    yield tmp
+    state.wait_for_everyone()
+    if state.is_main_process:
+        (tmp / DONE_FILE).write_text("complete\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    state.wait_for_everyone()
+
+
+def prompt_ids(example: dict[str, Any], tokenizer, chat_template: str | None = None) -> list[int]:
+    """The prompt as `tokenize_row` tokenises it (with the generation prompt for chat rows): what generation reads."""
+    prompt = example["prompt"]
+    if isinstance(prompt, list):
+        return list(_tokenize(tokenizer, prompt, add_generation_prompt=True, chat_template=chat_template)["input_ids"])
+    return list(_tokenize(tokenizer, prompt, chat_template=chat_template)["input_ids"])
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_meta(source: str | Path) -> dict[str, Any] | None:
+    path = Path(str(source))
+    meta = path / META_FILE if path.is_dir() else path.with_name(META_FILE)
+    return json.loads(meta.read_text()) if meta.exists() else None
+
+
+# ------------------------------------------------------------------------------------------------------ tokenisation
+
+
+def row_kind(example: dict[str, Any]) -> str:
+    """'prompt_completion', 'messages' or 'text': the three row formats (chat or plain) tokentrain accepts."""
+    if "prompt" in example and "completion" in example:
+        return "prompt_completion"
+    if "messages" in example:
+        return "messages"
+    if "text" in example:
+        return "text"
+    raise KeyError(f"row has none of prompt+completion, messages, text (keys: {sorted(example)})")
+
+
+def tokenize_row(example: dict[str, Any], tokenizer, chat_template: str | None = None) -> dict[str, list[int]]:
+    """`input_ids` and `labels` (-100 on the prompt) exactly as TRL 1.16 SFTTrainer prepares the row.
+
+    Plain text: EOS appended to the completion (or text) unless present; the completion starts where the tokenised
+    prompt and prompt+completion diverge (`common_prefix_length`). Chat rows go through the chat template. Language
+    modelling rows (`text`, `messages`) train on every token. Tested against SFTTrainer's own preparation.
+    """
+    kind = row_kind(example)
+    kwargs = {"chat_template": chat_template}
+    if kind == "prompt_completion":
+        prompt, completion = example["prompt"], example["completion"]
+        if is_conversational(example):
+            prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+            ids = _tokenize(tokenizer, prompt + completion, **kwargs)["input_ids"]
+        else:
+            if not completion.endswith(tokenizer.eos_token):
+                completion = completion + tokenizer.eos_token
+            prompt_ids = _tokenize(tokenizer, prompt, **kwargs)["input_ids"]
+            ids = _tokenize(tokenizer, prompt + completion, **kwargs)["input_ids"]
+        prompt_len = common_prefix_length(prompt_ids, ids)
+        labels = [IGNORE_INDEX] * prompt_len + list(ids[prompt_len:])
+        return {"input_ids": list(ids), "labels": labels}
+    if kind == "messages":
+        ids = _tokenize(tokenizer, example["messages"], **kwargs)["input_ids"]
+    else:
+        text = example["text"]
+        if not text.endswith(tokenizer.eos_token):
+            text = text + tokenizer.eos_token
+        ids = _tokenize(tokenizer, text, **kwargs)["input_ids"]
+    return {"input_ids": list(ids), "labels": list(ids)}
+
+
+def completion_ids_of(input_ids: list[int], labels: list[int]) -> list[int]:
+    """The target tokens: input_ids[p] for p >= 1 with labels[p] != -100 (the fused head's valid targets)."""
+    return [t for t, lab in zip(input_ids[1:], labels[1:]) if lab != IGNORE_INDEX]
+
+
+def target_positions(labels: list[int]) -> list[int]:
+    return [p for p in range(1, len(labels)) if labels[p] != IGNORE_INDEX]
+
+
+# ---------------------------------------------------------------------------------------------------- signal columns
+
+
+def _check_logps(values: list[float], row: int, column: str) -> list[float]:
+    out = []
+    for j, v in enumerate(values):
+        if not math.isfinite(v) or v > 1e-6:
+            raise ValueError(
+                f"row {row}, column {column!r}, position {j}: {v!r} is not a log-probability (finite, <= 0)"
+            )
+        out.append(min(v, 0.0))  # values in (0, 1e-6] are float rounding
+    return out
+
+
+def _check_weights(values: list[float], row: int, column: str) -> list[float]:
+    for j, v in enumerate(values):
+        if not math.isfinite(v) or v < 0:
+            raise ValueError(f"row {row}, column {column!r}, position {j}: weight {v!r} must be finite and >= 0")
+    return list(values)
+
+
+# Per-token signal columns and the check their values get. Each is aligned to the ids column named beside it.
+SIGNAL_CHECKS = {
+    "ref_logps": _check_logps,
+    "token_weights": _check_weights,
+    "chosen_weights": _check_weights,
+    "rejected_weights": _check_weights,
+}
+
+
+def check_alignment(stored: list[int], own: list[int], row: int, column: str, tokenizer) -> None:
+    """Stored signal ids must equal the trainer's own completion tokens; the error shows the first difference."""
+    if list(stored) == list(own):
+        return
+    j = next((i for i, (a, b) in enumerate(zip(stored, own)) if a != b), min(len(stored), len(own)))
+
+    def show(ids, j):
+        return f"{ids[j]} {tokenizer.decode([ids[j]])!r}" if j < len(ids) else "<end>"
+
+    raise SignalAlignmentError(
+        f"row {row}: stored {column!r} differ from this trainer's tokenisation at position {j} "
+        f"(stored {show(stored, j)}, trainer {show(own, j)}; lengths {len(stored)} vs {len(own)}). "
+        "Typical cause: signals scored with another tokenizer, chat template or prompt format; re-run the score stage."
+    )
+
+
+def prepare_sft_dataset(
+    dataset: Dataset,
+    tokenizer,
+    signal_columns: tuple[str, ...] = (),
+    ids_column: str = "completion_ids",
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    packing: bool = False,
+    chat_template: str | None = None,
+    name: str = "train",
+) -> Dataset:
+    """Tokenise rows, verify and expand signals to full-row columns, truncate them with the tokens, drop empty rows.
+
+    Output columns: `input_ids`, `labels` and one float column per signal (same length as `input_ids`; packed with
+    `seq_lengths` when `packing`, which is always TRL's `bfd`: sequences are never split, so per-sequence quantities
+    stay whole). Rows whose completion is empty or fully truncated are dropped and counted in the log.
+    """
+    if signal_columns:
+        require_columns(dataset, [ids_column, *signal_columns], hint="the score stage writes them (`tokentrain score`)")
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+    zero_weight_rows = []
+
+    def process(example, idx):
+        out = tokenize_row(example, tokenizer, chat_template)
+        ids, labels = out["input_ids"], out["labels"]
+        if signal_columns:
+            own = completion_ids_of(ids, labels)
+            check_alignment(example[ids_column], own, idx, ids_column, tokenizer)
+            positions = target_positions(labels)
+            for col in signal_columns:
+                values = example[col]
+                if values is None or len(values) != len(own):
+                    n = None if values is None else len(values)
+                    raise ValueError(f"row {idx}: column {col!r} has {n} values but {ids_column!r} has {len(own)}")
+                values = SIGNAL_CHECKS.get(col, _check_weights)(values, idx, col)
+                if col in ("token_weights",) and own and not any(values):
+                    zero_weight_rows.append(idx)
+                full = [0.0] * len(ids)
+                for p, v in zip(positions, values):
+                    full[p] = float(v)
+                out[col] = full
+        if max_length is not None and len(ids) > max_length and not packing:
+            sl = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+            out = {k: v[sl] for k, v in out.items()}
+        out["_n_targets"] = sum(1 for lab in out["labels"][1:] if lab != IGNORE_INDEX)
+        return out
+
+    keep = ["input_ids", "labels", *signal_columns]
+    processed = dataset.map(
+        process,
+        with_indices=True,
+        remove_columns=dataset.column_names,
+        desc=f"Tokenising {name} rows and aligning signals",
+    )
+    empty = [i for i, n in enumerate(processed["_n_targets"]) if n == 0]
+    if empty:
+        logger.warning(
+            "%s: %d of %d rows have no completion token left (empty or fully truncated) and are dropped; first: %s",
+            name,
+            len(empty),
+            len(processed),
+            empty[:10],
+        )
+        processed = processed.filter(lambda n: n > 0, input_columns="_n_targets")
+    if zero_weight_rows:
+        logger.warning(
+            "%s: %d rows have all token weights 0 (they contribute nothing); first: %s",
+            name,
+            len(zero_weight_rows),
+            zero_weight_rows[:10],
+        )
+    processed = processed.select_columns(keep)
+    if packing:
+        if max_length is None:
+            raise ValueError("packing needs max_length")
+        processed = pack_dataset(processed, max_length, "bfd")
+    return processed
+
+
+# -------------------------------------------------------------------------------------------------------- collation
+
+
+class SignalCollator(DataCollatorForLanguageModeling):
+    """TRL's language-modelling collator, plus float signal columns laid out like `input_ids`.
+
+    Padded: right-padded with 0.0 (neutral: masked by labels anyway). Padding-free: concatenated like `input_ids`.
+    """
+
+    def __init__(self, *args, signal_columns: tuple[str, ...] = (), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.signal_columns = tuple(signal_columns)
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        width = batch["input_ids"].shape[1]
+        for col in self.signal_columns:
+            rows = [torch.tensor(ex[col], dtype=torch.float32) for ex in examples]
+            if self.padding_free:
+                rows = [torch.cat(rows)]
+            out = torch.zeros(len(rows), width, dtype=torch.float32)
+            for i, r in enumerate(rows):
+                out[i, : r.numel()] = r
+            batch[col] = out  # (B, T) like input_ids
+        return batch

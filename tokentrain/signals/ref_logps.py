@@ -1,0 +1,106 @@
+"""Scoring pass: per-token log-probs of a frozen reference model, stored as `ref_logps` beside `completion_ids`.
+
+r_j = log P_ref(c_j | view, c_<j) for every completion token c_j, computed once through TRL's fused LM head (never
+`[B, T, V]` logits), in batches sorted by length (longest first, so no batch pads much), sharded over processes with
+accelerate and returned in input order.
+
+The reference's view (`drop_prompt`):
+- false: the policy's own input_ids (prompt + completion): Rho-1's reference model reads what the policy reads.
+- true: [s] + completion_ids with s = BOS (EOS when there is none): PRIOR's text-only reference. The ids are cut from
+  the policy's tokenisation of prompt+completion, never re-tokenised alone, so they align by construction.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+from trl.trainer.utils import add_fused_lm_head
+
+from ..data import completion_ids_of, row_kind, tokenize_row
+from ..tokens import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+
+def reference_view(example, tokenizer, drop_prompt: bool, row: int, chat_template=None) -> dict[str, list[int]]:
+    """The row as the policy tokenises it, or (drop_prompt) [s] + its completion ids; `completion_ids` added."""
+    out = tokenize_row(example, tokenizer, chat_template)
+    completion = completion_ids_of(out["input_ids"], out["labels"])
+    if drop_prompt:
+        kind = row_kind(example)
+        if kind != "prompt_completion" or isinstance(example["completion"], list) and len(example["completion"]) > 1:
+            raise ValueError(
+                f"row {row}: drop_prompt needs single-completion prompt/completion rows; this row is {kind!r} "
+                "(multi-turn and text-only rows have no prompt to drop)"
+            )
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        out = {"input_ids": [start, *completion], "labels": [IGNORE_INDEX, *completion]}
+    out["completion_ids"] = completion
+    return out
+
+
+@torch.no_grad()
+def score_ref_logps(
+    dataset,
+    reference,
+    tokenizer,
+    drop_prompt: bool = False,
+    batch_size: int = 16,
+    accelerator=None,
+    chat_template=None,
+) -> tuple[list[list[int]], list[list[float]]]:
+    """(completion_ids, ref_logps) per row of `dataset`, in input order, on every process."""
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    accelerator = accelerator or Accelerator()
+    max_positions = getattr(reference.config.get_text_config(), "max_position_embeddings", None)
+    views = []
+    for i, example in enumerate(tqdm(dataset, desc="Tokenising", disable=not accelerator.is_main_process)):
+        view = reference_view(example, tokenizer, drop_prompt, i, chat_template)
+        if max_positions is not None and len(view["input_ids"]) > max_positions:
+            raise ValueError(
+                f"row {i} has {len(view['input_ids'])} tokens but the reference reads at most {max_positions}: "
+                "shorten or filter the row (scores are never truncated)"
+            )
+        if not view["completion_ids"]:
+            logger.warning("row %d has an empty completion: nothing to score", i)
+        views.append(view)
+
+    # Longest first, then strided over processes so each gets a similar mix of lengths.
+    order = sorted(range(len(views)), key=lambda i: -len(views[i]["input_ids"]))
+    mine = order[accelerator.process_index :: accelerator.num_processes]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+    reference.eval()
+    add_fused_lm_head(reference, cast_lm_head_to_fp32=True)
+    device = next(reference.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = []
+    for batch in tqdm(batches, desc="Scoring (ref_logps)", disable=not accelerator.is_main_process):
+        width = max(len(views[i]["input_ids"]) for i in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for b, i in enumerate(batch):
+            n = len(views[i]["input_ids"])
+            input_ids[b, :n] = torch.tensor(views[i]["input_ids"])
+            labels[b, :n] = torch.tensor(views[i]["labels"])
+            attention_mask[b, :n] = 1
+        out = reference(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            labels=labels.to(device),
+            fused_lm_head=True,
+        )
+        logps = out.log_probs.float().cpu()  # (B, T-1)
+        valid = out.label_mask.cpu()  # (B, T-1)
+        for b, i in enumerate(batch):
+            results.append((i, logps[b][valid[b]].tolist()))
+
+    gathered = gather_object(results) if accelerator.num_processes > 1 else results
+    by_row = dict(gathered)
+    ref_logps = [by_row[i] for i in range(len(views))]
+    return [v["completion_ids"] for v in views], ref_logps
