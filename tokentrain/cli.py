@@ -277,6 +277,30 @@ def run_recipe(recipe: str | Path, run_dir: str | None, data_dir: str | None, ov
     return variables["run_dir"]
 
 
+def quickstart(stem: str, run_dir: str, overwrite: bool = False) -> None:
+    """Run the embedded quickstart recipe of `stem` (recipes/quickstart/<stem>/): data made in code, CPU, minutes."""
+    recipe = QUICKSTART_DIR / stem
+    if not recipe.is_dir():
+        raise FileNotFoundError(f"no quickstart recipe for {stem!r} at {recipe}")
+    start = time.time()
+    files = recipe_stages(recipe)
+    print(f"tokentrain quickstart {stem}: {len(files)} stages from {recipe} -> {run_dir}")
+    for f in files:
+        first = f.read_text().splitlines()[0]
+        print(f"  {f.name:<22} {first.lstrip('# ') if first.startswith('#') else ''}")
+    if overwrite and Path(run_dir).exists():
+        shutil.rmtree(run_dir)
+    run_recipe(recipe, run_dir, None, {})
+    results = json.loads((Path(run_dir) / "eval" / "eval.json").read_text())
+    print(f"\nquickstart {stem} finished in {time.time() - start:.0f} s; results on the held-out rows:")
+    print(format_table(results))
+    print(f"outputs: {run_dir}/ (models, scored datasets with signal_meta.json, eval/eval.json)")
+    print(f"see the signal: tokentrain inspect {run_dir}/scored_prior --column ref_logps --out prior.html")
+
+
+QUICKSTART_DIR = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 
 
@@ -332,8 +356,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "inspect":
             _inspect(args, overrides)
         elif args.command == "quickstart":
-            from .quickstart import quickstart
-
             quickstart(args.stem, args.run_dir, args.overwrite)
     except (ConfigError, FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
         logger.error("%s: %s", type(e).__name__, e)

@@ -230,6 +230,16 @@ def check_alignment(stored: list[int], own: list[int], row: int, column: str, to
     )
 
 
+def _is_empty_completion(example: dict[str, Any], tokenizer) -> bool:
+    """An empty completion ("" or EOS alone, or empty assistant messages), on which TRL would train the EOS alone."""
+    if row_kind(example) != "prompt_completion":
+        return False
+    completion = example["completion"]
+    if isinstance(completion, list):
+        return all(not message.get("content") for message in completion)
+    return completion in ("", tokenizer.eos_token)
+
+
 def prepare_sft_dataset(
     dataset: Dataset,
     tokenizer,
@@ -272,10 +282,14 @@ def prepare_sft_dataset(
                 for p, v in zip(positions, values):
                     full[p] = float(v)
                 out[col] = full
-        if max_length is not None and len(ids) > max_length and not packing:
-            sl = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+        if max_length is not None and len(ids) > max_length:
+            # Packing cuts here too, keeping the start as TRL's bfd does (it ignores truncation_mode), so that a row
+            # whose completion lies wholly past max_length is counted and dropped below instead of packed empty.
+            keep_start = truncation_mode == "keep_start" or packing
+            sl = slice(None, max_length) if keep_start else slice(-max_length, None)
             out = {k: v[sl] for k, v in out.items()}
-        out["_n_targets"] = sum(1 for lab in out["labels"][1:] if lab != IGNORE_INDEX)
+        n_targets = sum(1 for lab in out["labels"][1:] if lab != IGNORE_INDEX)
+        out["_n_targets"] = 0 if _is_empty_completion(example, tokenizer) else n_targets
         return out
 
     keep = ["input_ids", "labels", *signal_columns]
@@ -335,3 +349,49 @@ class SignalCollator(DataCollatorForLanguageModeling):
                 out[i, : r.numel()] = r
             batch[col] = out  # (B, T) like input_ids
         return batch
+
+
+# ------------------------------------------------------------------------------------------- preference split (DPO)
+
+
+def split_preference_row(example: dict[str, Any], tokenizer) -> dict[str, list[int]]:
+    """`prompt_ids`, `chosen_ids`, `rejected_ids` of a preference row exactly as TRL 1.16 `DPOTrainer` splits it.
+
+    The rule of `DPOTrainer._prepare_dataset` (spec critical_dpo section 2), row by row:
+    - a row without `prompt` gets TRL's implicit-prompt extraction (the common start of chosen and rejected);
+    - plain text: EOS appended to chosen and rejected unless they already end with it; prompt, prompt+chosen and
+      prompt+rejected tokenised with the tokenizer's own call;
+    - chat rows: the same three through the chat template, the prompt with `add_generation_prompt=True` (and the row's
+      `tools` / `chat_template_kwargs`, as TRL passes them);
+    - all three are cut at the smaller common-prefix length of the prompt with the two full sequences, so a prompt
+      whose last token merges into a completion loses that token (which the completions then start with).
+    Tested against TRL's own preparation. TRL decides plain vs chat once from the first row; here each row decides,
+    which is the same on any dataset TRL accepts.
+    """
+    if "prompt" not in example:
+        from trl.data_utils import extract_prompt
+
+        example = {**example, **extract_prompt(example)}
+    prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+    if is_conversational(example):
+        tools = example.get("tools")
+        kwargs = {"tools": json.loads(tools) if isinstance(tools, str) else tools}
+        kwargs.update(example.get("chat_template_kwargs") or {})
+        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+        prompt_chosen_ids = _tokenize(tokenizer, prompt + chosen, **kwargs)["input_ids"]
+        prompt_rejected_ids = _tokenize(tokenizer, prompt + rejected, **kwargs)["input_ids"]
+    else:
+        eos = tokenizer.eos_token
+        chosen = chosen if chosen.endswith(eos) else chosen + eos
+        rejected = rejected if rejected.endswith(eos) else rejected + eos
+        prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
+        prompt_chosen_ids = _tokenize(tokenizer, prompt + chosen)["input_ids"]
+        prompt_rejected_ids = _tokenize(tokenizer, prompt + rejected)["input_ids"]
+    prompt_len = min(
+        common_prefix_length(prompt_ids, prompt_chosen_ids), common_prefix_length(prompt_ids, prompt_rejected_ids)
+    )
+    return {
+        "prompt_ids": list(prompt_ids[:prompt_len]),
+        "chosen_ids": list(prompt_chosen_ids[prompt_len:]),
+        "rejected_ids": list(prompt_rejected_ids[prompt_len:]),
+    }
