@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 
 from .config import STAGES, ConfigError, Stage, default_data_dir, load_stage, parse_override_args, recipe_stages
-from .data import atomic_output, is_complete, load_rows, prompt_ids, read_meta, write_meta
+from .data import atomic_output, distributed_state, is_complete, load_rows, prompt_ids, read_meta, write_meta
 from .models import build_tiny, check_same_vocab, generate, load_model, load_tokenizer, vocab_size
+from .trainers.critical_dpo import CriticalDPOConfig, CriticalDPOTrainer
 from .trainers.weighted_ntp import WeightedNTPConfig, WeightedNTPTrainer
 
 logger = logging.getLogger("tokentrain")
@@ -30,6 +31,7 @@ logger = logging.getLogger("tokentrain")
 # The one registry: objective stem -> (config class, trainer class).
 OBJECTIVES = {
     "weighted_ntp": (WeightedNTPConfig, WeightedNTPTrainer),
+    "critical_dpo": (CriticalDPOConfig, CriticalDPOTrainer),
 }
 
 
@@ -86,7 +88,6 @@ def _drop_prompt_rows(dataset, tokenizer):
 
 def run_train(stage: Stage, overwrite: bool = False) -> None:
     """`sft` (TRL SFTTrainer, the baseline) or `train` (an objective's trainer); resumes from the last checkpoint."""
-    from accelerate import PartialState
     from peft import LoraConfig
     from transformers.trainer_utils import get_last_checkpoint
     from trl import SFTConfig, SFTTrainer
@@ -122,7 +123,7 @@ def run_train(stage: Stage, overwrite: bool = False) -> None:
         start = time.time()
         result = trainer.train(resume_from_checkpoint=last)
         trainer.save_model(str(tmp))
-        if PartialState().is_main_process:
+        if distributed_state().is_main_process:
             tokenizer.save_pretrained(str(tmp))
             for ckpt in tmp.glob("checkpoint-*"):
                 shutil.rmtree(ckpt)
@@ -185,7 +186,6 @@ def run_score(stage: Stage, overwrite: bool = False) -> None:
 
 def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
     """Greedy decoding + held-out NLL of each model on the task's test rows; writes eval.json and prints a table."""
-    from accelerate import PartialState
 
     from .signals.ref_logps import score_ref_logps
     from .tasks import e2e
@@ -196,16 +196,18 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
     rows = load_rows(cfg.dataset)
     results = {}
     with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
-        if PartialState().is_main_process:
+        if distributed_state().is_main_process:
             for name, path in cfg.models.items():
                 tokenizer = load_tokenizer(path)
                 model = load_model(path, trainable=False)
                 _, logps = score_ref_logps(rows, model, tokenizer, batch_size=cfg.batch_size)
                 n_tokens = sum(map(len, logps))
                 nll = -sum(map(sum, logps)) / max(n_tokens, 1)
-                prompts = [prompt_ids(r, tokenizer) for r in rows]
+                # slot accuracy is over the distinct MRs: decode each once (greedy gives one output per prompt)
+                unique = list({r["mr"]: r for r in rows}.values())
+                prompts = [prompt_ids(r, tokenizer) for r in unique]
                 texts = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=f"Decoding {name}")
-                realised, total = e2e.slot_accuracy(rows["mr"], texts)
+                realised, total = e2e.slot_accuracy([r["mr"] for r in unique], texts)
                 summary = read_summary(path)
                 results[name] = {
                     "slot_acc": realised / total,
@@ -218,7 +220,7 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
                     "%s: slot accuracy %.4f (%d/%d), held-out NLL %.4f", name, realised / total, realised, total, nll
                 )
                 with open(tmp / f"outputs_{Path(str(name)).name}.jsonl", "w") as f:
-                    for mr, text in zip(rows["mr"], texts):
+                    for mr, text in zip([r["mr"] for r in unique], texts):
                         f.write(json.dumps({"mr": mr, "output": text}) + "\n")
             (tmp / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
             print(format_table(results))
@@ -231,12 +233,32 @@ def read_summary(model_dir) -> dict:
 
 
 def format_table(results: dict) -> str:
+    """Per-model rows, then `name_s<seed>` models aggregated per method as mean ± sd over seeds."""
+    import re
+    import statistics
+
     lines = ["| model | slot acc | held-out NLL | train s |", "|---|---|---|---|"]
+    groups: dict[str, list[dict]] = {}
     for name, r in results.items():
         secs = "" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"
         lines.append(
             f"| {name} | {r['slot_acc']:.4f} ({r['realised']}/{r['slots']}) | {r['heldout_nll']:.4f} | {secs} |"
         )
+        groups.setdefault(re.sub(r"_s\d+$", "", name), []).append(r)
+    multi = {k: v for k, v in groups.items() if len(v) > 1}
+    if multi:
+        lines += [
+            "",
+            "| method | slot acc mean ± sd | held-out NLL mean ± sd | slot acc per seed |",
+            "|---|---|---|---|",
+        ]
+        for method, rs in multi.items():
+            acc, nll = [r["slot_acc"] for r in rs], [r["heldout_nll"] for r in rs]
+            per_seed = ", ".join(f"{a:.3f}" for a in acc)
+            lines.append(
+                f"| {method} | {statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} | "
+                f"{statistics.mean(nll):.3f} ± {statistics.stdev(nll):.3f} | {per_seed} |"
+            )
     return "\n".join(lines)
 
 
@@ -305,9 +327,8 @@ QUICKSTART_DIR = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
 
 
 def _setup_logging() -> None:
-    from accelerate import PartialState
 
-    level = logging.INFO if PartialState().is_main_process else logging.WARNING
+    level = logging.INFO if distributed_state().is_main_process else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
 
 

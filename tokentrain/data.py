@@ -80,6 +80,18 @@ def is_complete(out_dir: str | Path) -> bool:
     return (Path(out_dir) / DONE_FILE).exists()
 
 
+def distributed_state():
+    """accelerate's process state, on the CPU when there is no GPU or `ACCELERATE_USE_CPU` is set.
+
+    A bare `PartialState()` ignores `ACCELERATE_USE_CPU` and, created first, would leave every process of a CPU launch
+    believing it is the only (main) one; every later `Accelerator()` shares this state.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+
+
 @contextlib.contextmanager
 def atomic_output(out_dir: str | Path, overwrite: bool = False, keep_partial: bool = False) -> Iterator[Path]:
     """Write a stage's output to `<out>.tmp/`, then rename it to `<out>/` with a completion marker.
@@ -89,9 +101,7 @@ def atomic_output(out_dir: str | Path, overwrite: bool = False, keep_partial: bo
     its last checkpoint. A finished output is refused unless `overwrite`. With several processes, the main process
     owns the folder and the others wait for it at the start and the end.
     """
-    from accelerate import PartialState
-
-    state = PartialState()
+    state = distributed_state()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if out_dir.exists() and not overwrite:
