@@ -21,7 +21,16 @@ import time
 from pathlib import Path
 
 from .config import STAGES, ConfigError, Stage, default_data_dir, load_stage, parse_override_args, recipe_stages
-from .data import atomic_output, distributed_state, is_complete, load_rows, prompt_ids, read_meta, write_meta
+from .data import (
+    apply_templates,
+    atomic_output,
+    distributed_state,
+    is_complete,
+    load_rows,
+    prompt_ids,
+    read_meta,
+    write_meta,
+)
 from .models import build_tiny, check_same_vocab, generate, load_model, load_tokenizer, vocab_size
 from .trainers.critical_dpo import CriticalDPOConfig, CriticalDPOTrainer
 from .trainers.weighted_ntp import WeightedNTPConfig, WeightedNTPTrainer
@@ -86,6 +95,11 @@ def _drop_prompt_rows(dataset, tokenizer):
     return dataset.map(view, with_indices=True, remove_columns=dataset.column_names, desc="drop_prompt view")
 
 
+def _load_rows(cfg):
+    rows = load_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config or None)
+    return apply_templates(rows, cfg.prompt_template, cfg.completion_template)
+
+
 def run_train(stage: Stage, overwrite: bool = False) -> None:
     """`sft` (TRL SFTTrainer, the baseline) or `train` (an objective's trainer); resumes from the last checkpoint."""
     from peft import LoraConfig
@@ -95,7 +109,7 @@ def run_train(stage: Stage, overwrite: bool = False) -> None:
     cfg = stage.config
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
-    dataset = load_rows(cfg.dataset, cfg.dataset_split)
+    dataset = _load_rows(cfg)
     is_train = cfg.stage == "train"
     if is_train:
         config_cls, trainer_cls = OBJECTIVES[cfg.objective]
@@ -158,7 +172,7 @@ def run_score(stage: Stage, overwrite: bool = False) -> None:
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     reference = load_model(cfg.model, dtype=cfg.dtype, trainable=False).to(accelerator.device)
     check_same_vocab(tokenizer, reference, f"reference model {cfg.model}")
-    dataset = load_rows(cfg.dataset, cfg.dataset_split)
+    dataset = _load_rows(cfg)
     with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
         ids, logps = score_ref_logps(
             dataset, reference, tokenizer, cfg.drop_prompt, cfg.batch_size, accelerator=accelerator
@@ -189,11 +203,12 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
 
     from .signals.ref_logps import score_ref_logps
     from .tasks import e2e
+    from .tasks.grading import GRADERS, accuracy
 
     cfg = stage.config
-    if cfg.task != "e2e":
-        raise ConfigError(f"{stage.path.name}: task must be 'e2e', got {cfg.task!r}")
-    rows = load_rows(cfg.dataset)
+    if cfg.task != "e2e" and cfg.task not in GRADERS:
+        raise ConfigError(f"{stage.path.name}: task must be 'e2e' or one of {sorted(GRADERS)}, got {cfg.task!r}")
+    rows = _load_rows(cfg)
     results = {}
     with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
         if distributed_state().is_main_process:
@@ -203,6 +218,13 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
                 _, logps = score_ref_logps(rows, model, tokenizer, batch_size=cfg.batch_size)
                 n_tokens = sum(map(len, logps))
                 nll = -sum(map(sum, logps)) / max(n_tokens, 1)
+                if cfg.task in GRADERS:
+                    prompts = [prompt_ids(r, tokenizer) for r in rows]
+                    texts = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=name)
+                    verdicts = [GRADERS[cfg.task](t, str(r[cfg.gold_column])) for t, r in zip(texts, rows)]
+                    results[name] = {**accuracy(verdicts), "heldout_nll": nll}
+                    logger.info("%s: %s accuracy %.4f", name, cfg.task, results[name]["accuracy"])
+                    continue
                 # slot accuracy is over the distinct MRs: decode each once (greedy gives one output per prompt)
                 unique = list({r["mr"]: r for r in rows}.values())
                 prompts = [prompt_ids(r, tokenizer) for r in unique]
@@ -223,7 +245,7 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
                     for mr, text in zip([r["mr"] for r in unique], texts):
                         f.write(json.dumps({"mr": mr, "output": text}) + "\n")
             (tmp / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-            print(format_table(results))
+            print(format_table(results) if cfg.task == "e2e" else json.dumps(results, indent=2))
     return results
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ class SFTStage(StageConfig):
         default="", metadata={"help": "Train rows: a jsonl/json/csv file, a stage folder, a hub name."}
     )
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    dataset_config: str = field(default="", metadata={"help": "Config name of a hub dataset (e.g. 'main')."})
+    prompt_template: str = field(
+        default="", metadata={"help": "Build `prompt` from each row's columns, e.g. 'Question: {question}\\nAnswer:'."}
+    )
+    completion_template: str = field(
+        default="", metadata={"help": "Build `completion` from each row's columns, e.g. ' {answer}'."}
+    )
     drop_prompt: bool = field(
         default=False, metadata={"help": "Train on [BOS] + completion alone (PRIOR's text-only reference)."}
     )
@@ -69,6 +77,13 @@ class ScoreStage(StageConfig):
     tokenizer: str = field(default="", metadata={"help": "The policy's tokenizer (default: the reference's)."})
     dataset: str = field(default="", metadata={"help": "Rows to score."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    dataset_config: str = field(default="", metadata={"help": "Config name of a hub dataset (e.g. 'main')."})
+    prompt_template: str = field(
+        default="", metadata={"help": "Build `prompt` from each row's columns, e.g. 'Question: {question}\\nAnswer:'."}
+    )
+    completion_template: str = field(
+        default="", metadata={"help": "Build `completion` from each row's columns, e.g. ' {answer}'."}
+    )
     drop_prompt: bool = field(default=False, metadata={"help": "Score completions seen after [BOS] alone."})
     batch_size: int = field(default=16, metadata={"help": "Rows per forward (sorted by length, longest first)."})
     dtype: str = field(default="float32", metadata={"help": "Reference weights dtype: float32 or bfloat16."})
@@ -76,9 +91,18 @@ class ScoreStage(StageConfig):
 
 @dataclass
 class EvaluateStage(StageConfig):
-    task: str = field(default="e2e", metadata={"help": "Grading task: e2e."})
+    task: str = field(default="e2e", metadata={"help": "Grading task: e2e (slot accuracy), gsm8k, math, arithmetic."})
     models: dict = field(default_factory=dict, metadata={"help": "name -> model folder, evaluated in order."})
-    dataset: str = field(default="", metadata={"help": "Held-out rows (prompt/completion + task fields)."})
+    dataset: str = field(default="", metadata={"help": "Held-out rows (prompt + the task's gold column)."})
+    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
+    dataset_config: str = field(default="", metadata={"help": "Config name of a hub dataset (e.g. 'main')."})
+    prompt_template: str = field(
+        default="", metadata={"help": "Build `prompt` from each row's columns, e.g. 'Question: {question}\\nAnswer:'."}
+    )
+    completion_template: str = field(
+        default="", metadata={"help": "Build `completion` from each row's columns, e.g. ' {answer}'."}
+    )
+    gold_column: str = field(default="answer", metadata={"help": "Column holding the gold answer (gsm8k, math)."})
     max_new_tokens: int = field(default=80, metadata={"help": "Greedy decoding budget."})
     batch_size: int = field(default=32, metadata={"help": "Rows per generation batch."})
 
@@ -219,7 +243,8 @@ def load_stage(
 
     def expand(v):
         if isinstance(v, str):
-            return v.format_map(_Vars(variables)) if "{" in v else v
+            # only the recipe variables: other braces are row templates ({question})
+            return re.sub(r"\{(run_dir|data_dir)\}", lambda m: _variable(variables, m.group(1)), v)
         if isinstance(v, dict):
             return {k: expand(x) for k, x in v.items()}
         return v
@@ -250,9 +275,10 @@ def load_stage(
     return Stage(path=path, config=config, trainer_kwargs=trainer_kwargs)
 
 
-class _Vars(dict):
-    def __missing__(self, key):
-        raise ConfigError(f"unknown variable {{{key}}} in a recipe value; known: {sorted(self)}")
+def _variable(variables: dict[str, str], name: str) -> str:
+    if name not in variables:
+        raise ConfigError(f"recipe value uses {{{name}}} but it is not set here; known: {sorted(variables)}")
+    return variables[name]
 
 
 def recipe_stages(recipe: str | Path) -> list[Path]:

@@ -66,6 +66,25 @@ def _file_format(path: Path) -> str | None:
     return {".jsonl": "json", ".json": "json", ".csv": "csv"}.get(ext)
 
 
+def apply_templates(dataset: Dataset, prompt_template: str = "", completion_template: str = "") -> Dataset:
+    """Add `prompt` / `completion` built from each row's columns with str.format templates (hub datasets such as
+    GSM8K's question/answer). A template naming a missing column is an error naming it and the row."""
+    if not prompt_template and not completion_template:
+        return dataset
+
+    def build(example, idx):
+        out = {}
+        for key, template in (("prompt", prompt_template), ("completion", completion_template)):
+            if template:
+                try:
+                    out[key] = template.format(**example)
+                except KeyError as e:
+                    raise KeyError(f"row {idx}: {key}_template names column {e} (columns: {sorted(example)})") from None
+        return out
+
+    return dataset.map(build, with_indices=True, desc="Formatting rows")
+
+
 def require_columns(dataset: Dataset, columns: list[str], hint: str = "") -> None:
     """Raise naming every missing column (and the stage that writes it, via `hint`)."""
     missing = [c for c in columns if c not in dataset.column_names]
