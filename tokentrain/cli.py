@@ -47,7 +47,7 @@ OBJECTIVES = {
 # -------------------------------------------------------------------------------------------------------- stages
 
 
-def run_prepare(stage: Stage) -> None:
+def run_prepare(stage: Stage, overwrite: bool = False) -> None:
     """Make the data of a task (split or generate it) and the tiny base model with its tokenizer trained in code."""
     from .tasks import e2e
 
@@ -66,7 +66,7 @@ def run_prepare(stage: Stage) -> None:
     def fmt(rows):
         return [{**e2e.format_row(r["mr"], r["ref"]), "mr": r["mr"]} for r in rows]
 
-    with atomic_output(cfg.output_dir) as tmp:
+    with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
         clean = [r for r in train if e2e.is_clean(r["mr"], r["ref"])]
         for name, rows in (("train", fmt(train)), ("test", fmt(test)), ("clean", fmt(clean))):
             with open(tmp / f"{name}.jsonl", "w") as f:
@@ -285,7 +285,7 @@ def format_table(results: dict) -> str:
 
 
 RUNNERS = {
-    "prepare": lambda stage, overwrite: run_prepare(stage),
+    "prepare": run_prepare,
     "sft": run_train,
     "train": run_train,
     "score": run_score,
@@ -366,8 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None, help="shared data folder (default $TOKENTRAIN_DATA or ../shared/data)")
     p.add_argument("--overwrite", action="store_true", help="redo stages whose output is already complete")
     for name in STAGES:
-        p = sub.add_parser(name, help=f"run one {name} stage from a YAML file and/or --key value pairs")
-        p.add_argument("config", nargs="?", default=None)
+        # the optional stage YAML is taken from the leftover arguments (argparse would swallow a --key's value)
+        p = sub.add_parser(name, help=f"run one {name} stage: [STAGE.yaml] [--key value ...]")
         p.add_argument("--run_dir", default=".")
         p.add_argument("--data_dir", default=None)
         p.add_argument("--overwrite", action="store_true")
@@ -385,14 +385,15 @@ def main(argv: list[str] | None = None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     _setup_logging()
+    config = rest.pop(0) if args.command in STAGES and rest and not rest[0].startswith("--") else None
     try:
         overrides = parse_override_args(rest)
         if args.command == "run":
             run_recipe(args.recipe, args.run_dir, args.data_dir, overrides, args.overwrite)
         elif args.command in STAGES:
             variables = {"run_dir": args.run_dir, "data_dir": args.data_dir or default_data_dir()}
-            if args.config:
-                stage = load_stage(args.config, {**overrides, "stage": args.command}, variables)
+            if config:
+                stage = load_stage(config, {**overrides, "stage": args.command}, variables)
             else:
                 stage = _stage_from_overrides(args.command, overrides, variables)
             run_stage(stage, args.overwrite)
