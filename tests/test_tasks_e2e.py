@@ -256,3 +256,20 @@ def test_synthetic_split_for_quickstart():
     train, test = split_e2e(rows, num_test=num_test)
     assert len({r["mr"] for r in test}) == num_test
     assert len(train) + len(test) == 200
+
+
+def test_prior_weight_diagnostic_buckets(tiny_tokenizer):
+    from tokentrain.tasks.e2e import prior_weight_diagnostic
+
+    row = {"mr": "name[Aromi], area[riverside]", "prompt": "<s>name[Aromi], area[riverside]<sep>"}
+    row["completion"] = "Aromi is by the riverside.</s>"
+    full = tiny_tokenizer(row["prompt"] + row["completion"], return_offsets_mapping=True)
+    start = len(row["prompt"])
+    spans = [(s - start, e - start) for s, e in full["offset_mapping"] if s >= start]
+    weights = [float(i + 1) for i in range(len(spans))]  # weight i+1 on completion token i
+    out = prior_weight_diagnostic([row], tiny_tokenizer, [weights])
+    # "Aromi" starts the completion: its first token has weight 1; "</s>" is the last token
+    assert out["value_first"] > 0 and out["eos"] == len(spans)
+    first_aromi = 1.0
+    first_river = 1.0 + next(i for i, (s, e) in enumerate(spans) if s <= row["completion"].index("riverside") < e)
+    assert out["value_first"] == pytest.approx((first_aromi + first_river) / 2)

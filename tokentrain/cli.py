@@ -244,9 +244,31 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
                 with open(tmp / f"outputs_{Path(str(name)).name}.jsonl", "w") as f:
                     for mr, text in zip([r["mr"] for r in unique], texts):
                         f.write(json.dumps({"mr": mr, "output": text}) + "\n")
+            if cfg.prior_signals:
+                results["prior_diagnostic"] = _prior_diagnostic(cfg.prior_signals)
+                print(
+                    "PRIOR mean weight on value-first / value-rest / other / </s> tokens:", results["prior_diagnostic"]
+                )
             (tmp / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-            print(format_table(results) if cfg.task == "e2e" else json.dumps(results, indent=2))
+            models = {k: v for k, v in results.items() if k != "prior_diagnostic"}
+            print(format_table(models) if cfg.task == "e2e" else json.dumps(models, indent=2))
     return results
+
+
+def _prior_diagnostic(scored: str) -> dict:
+    """Mean PRIOR weight (alpha 1, per-row normalised as in training) on value tokens vs the rest (spec section 7)."""
+    import torch
+
+    from .losses.weighted_ntp import prior_weights
+    from .tasks.e2e import prior_weight_diagnostic
+
+    rows = load_rows(scored)
+    tokenizer = load_tokenizer((read_meta(scored) or {})["tokenizer"])
+    weights = []
+    for r in rows["ref_logps"]:
+        t = torch.tensor([r], dtype=torch.float64)  # (1, k)
+        weights.append(prior_weights(t, torch.ones_like(t, dtype=torch.bool), torch.zeros_like(t, dtype=torch.long))[0])
+    return prior_weight_diagnostic(list(rows), tokenizer, [w.tolist() for w in weights])
 
 
 def read_summary(model_dir) -> dict:

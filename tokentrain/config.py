@@ -102,6 +102,9 @@ class EvaluateStage(StageConfig):
     completion_template: str = field(
         default="", metadata={"help": "Build `completion` from each row's columns, e.g. ' {answer}'."}
     )
+    prior_signals: str = field(
+        default="", metadata={"help": "e2e: a scored_prior dataset; adds the PRIOR weight diagnostic to eval.json."}
+    )
     gold_column: str = field(default="answer", metadata={"help": "Column holding the gold answer (gsm8k, math)."})
     max_new_tokens: int = field(default=80, metadata={"help": "Greedy decoding budget."})
     batch_size: int = field(default=32, metadata={"help": "Rows per generation batch."})

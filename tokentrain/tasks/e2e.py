@@ -332,3 +332,38 @@ def make_synthetic_e2e(n: int, seed: int) -> list[dict]:
             sentences.append(f"{rng.choice(subject)} {' and '.join(take)}.")
         rows.append({"mr": mr, "ref": " ".join(sentences)})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------- PRIOR diagnostic
+
+DIAGNOSTIC_SLOTS = ("name", "near", "food", "eatType", "area")
+
+
+def prior_weight_diagnostic(rows, tokenizer, weights_per_row) -> dict[str, float]:
+    """Mean PRIOR weight on the first token of each value mention, on the mention's other tokens, on all other
+    tokens, and on `</s>` (spec section 7). `rows` are prompt/completion/mr rows; `weights_per_row` the per-sequence
+    normalised weights aligned to each row's completion tokens (as the trainer computes them)."""
+    sums = {"value_first": [0.0, 0], "value_rest": [0.0, 0], "other": [0.0, 0], "eos": [0.0, 0]}
+    for row, weights in zip(rows, weights_per_row):
+        prompt, completion = row["prompt"], row["completion"]
+        if not completion.endswith(tokenizer.eos_token):
+            completion += tokenizer.eos_token
+        enc = tokenizer(prompt + completion, return_offsets_mapping=True)
+        offsets = enc["offset_mapping"]
+        start = len(prompt)
+        # completion tokens: those starting at or after the prompt end (the trainer's completion ids, in order)
+        spans = [(s - start, e - start) for s, e in offsets if s >= start][-len(weights) :]
+        text = completion.lower()
+        kind = ["other"] * len(spans)
+        for slot, value in parse_mr(row["mr"]):
+            if slot not in DIAGNOSTIC_SLOTS:
+                continue
+            for m in re.finditer(re.escape(value.lower()), text):
+                touched = [i for i, (s, e) in enumerate(spans) if s < m.end() and e > m.start()]
+                for n, i in enumerate(touched):
+                    kind[i] = "value_first" if n == 0 else ("value_rest" if kind[i] != "value_first" else kind[i])
+        kind[-1] = "eos"
+        for k, w in zip(kind, weights):
+            sums[k][0] += w
+            sums[k][1] += 1
+    return {k: (s / n if n else float("nan")) for k, (s, n) in sums.items()}
