@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from tokentrain.cli import main
 
 
@@ -32,10 +30,12 @@ def test_bad_key_is_an_error_exit_naming_it(tmp_path, capsys):
     assert "num_rowz" in err and "num_rows" in err
 
 
-@pytest.mark.slow
-def test_quickstart_weighted_ntp(tmp_path):
-    """The README's first command: the whole pipeline on data made in code (about 3 minutes on 2 idle cores)."""
+def test_quickstart_weighted_ntp(tmp_path, capsys):
+    """The README's first command: the whole pipeline on data made in code (about 100 s on 2 idle cores)."""
     assert main(["quickstart", "weighted_ntp", "--run_dir", str(tmp_path / "qs")]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart weighted_ntp finished" in out and "| prior |" in out and "PRIOR mean weight" in out
     results = json.loads((tmp_path / "qs" / "eval" / "eval.json").read_text())
+    assert set(results.pop("prior_diagnostic")) == {"value_first", "value_rest", "other", "eos"}
     assert set(results) == {"ntp", "prior", "rho1", "rm"}
     assert all(0.0 <= r["slot_acc"] <= 1.0 and r["heldout_nll"] > 0 for r in results.values())

@@ -358,8 +358,11 @@ def quickstart(stem: str, run_dir: str, overwrite: bool = False) -> None:
         shutil.rmtree(run_dir)
     run_recipe(recipe, run_dir, None, {})
     results = json.loads((Path(run_dir) / "eval" / "eval.json").read_text())
+    diagnostic = results.pop("prior_diagnostic", None)
     print(f"\nquickstart {stem} finished in {time.time() - start:.0f} s; results on the held-out rows:")
     print(format_table(results))
+    if diagnostic:
+        print("PRIOR mean weight by token kind:", {k: round(v, 3) for k, v in diagnostic.items()})
     print(f"outputs: {run_dir}/ (models, scored datasets with signal_meta.json, eval/eval.json)")
     print(f"see the signal: tokentrain inspect {run_dir}/scored_prior --column ref_logps --out prior.html")
 
