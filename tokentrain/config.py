@@ -44,11 +44,10 @@ class PrepareStage(StageConfig):
 
 
 @dataclass
-class SFTStage(StageConfig):
-    model: str = field(default="", metadata={"help": "Hub name or folder of the model to train."})
-    dataset: str = field(
-        default="", metadata={"help": "Train rows: a jsonl/json/csv file, a stage folder, a hub name."}
-    )
+class RowsStage(StageConfig):
+    """Keys of the stages that read rows: where they come from and how prompt/completion are built."""
+
+    dataset: str = field(default="", metadata={"help": "Rows: a jsonl/json/csv file, a stage folder or a hub name."})
     dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
     dataset_config: str = field(default="", metadata={"help": "Config name of a hub dataset (e.g. 'main')."})
     prompt_template: str = field(
@@ -57,6 +56,11 @@ class SFTStage(StageConfig):
     completion_template: str = field(
         default="", metadata={"help": "Build `completion` from each row's columns, e.g. ' {answer}'."}
     )
+
+
+@dataclass
+class SFTStage(RowsStage):
+    model: str = field(default="", metadata={"help": "Hub name or folder of the model to train."})
     drop_prompt: bool = field(
         default=False, metadata={"help": "Train on [BOS] + completion alone (PRIOR's text-only reference)."}
     )
@@ -71,37 +75,19 @@ class TrainStage(SFTStage):
 
 
 @dataclass
-class ScoreStage(StageConfig):
+class ScoreStage(RowsStage):
     signal: str = field(default="ref_logps", metadata={"help": "Signal to compute: ref_logps."})
     model: str = field(default="", metadata={"help": "The frozen reference model (hub name or folder)."})
     tokenizer: str = field(default="", metadata={"help": "The policy's tokenizer (default: the reference's)."})
-    dataset: str = field(default="", metadata={"help": "Rows to score."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    dataset_config: str = field(default="", metadata={"help": "Config name of a hub dataset (e.g. 'main')."})
-    prompt_template: str = field(
-        default="", metadata={"help": "Build `prompt` from each row's columns, e.g. 'Question: {question}\\nAnswer:'."}
-    )
-    completion_template: str = field(
-        default="", metadata={"help": "Build `completion` from each row's columns, e.g. ' {answer}'."}
-    )
     drop_prompt: bool = field(default=False, metadata={"help": "Score completions seen after [BOS] alone."})
     batch_size: int = field(default=16, metadata={"help": "Rows per forward (sorted by length, longest first)."})
     dtype: str = field(default="float32", metadata={"help": "Reference weights dtype: float32 or bfloat16."})
 
 
 @dataclass
-class EvaluateStage(StageConfig):
+class EvaluateStage(RowsStage):
     task: str = field(default="e2e", metadata={"help": "Grading task: e2e (slot accuracy), gsm8k, math, arithmetic."})
     models: dict = field(default_factory=dict, metadata={"help": "name -> model folder, evaluated in order."})
-    dataset: str = field(default="", metadata={"help": "Held-out rows (prompt + the task's gold column)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    dataset_config: str = field(default="", metadata={"help": "Config name of a hub dataset (e.g. 'main')."})
-    prompt_template: str = field(
-        default="", metadata={"help": "Build `prompt` from each row's columns, e.g. 'Question: {question}\\nAnswer:'."}
-    )
-    completion_template: str = field(
-        default="", metadata={"help": "Build `completion` from each row's columns, e.g. ' {answer}'."}
-    )
     prior_signals: str = field(
         default="", metadata={"help": "e2e: a scored_prior dataset; adds the PRIOR weight diagnostic to eval.json."}
     )

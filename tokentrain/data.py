@@ -370,6 +370,8 @@ class SignalCollator(DataCollatorForLanguageModeling):
         batch = super().torch_call(examples)
         width = batch["input_ids"].shape[1]
         for col in self.signal_columns:
+            if col not in examples[0]:  # eval rows carry no signals (train rows are checked when prepared)
+                continue
             rows = [torch.tensor(ex[col], dtype=torch.float32) for ex in examples]
             if self.padding_free:
                 rows = [torch.cat(rows)]

@@ -53,7 +53,7 @@ class TokenSFTTrainer(SFTTrainer):
             raise ValueError("compute_loss_func is not supported: the objective's token_loss is the loss")
         super().__init__(*args, **kwargs)
         # TRL builds its own collator (it refuses a custom one with padding-free); add the signals to it.
-        collator = self._eval_collator = self.data_collator  # eval rows carry no signals: TRL's collator as is
+        collator = self.data_collator
         self.data_collator = SignalCollator(
             pad_token_id=collator.pad_token_id,
             padding_free=collator.padding_free,
@@ -88,17 +88,6 @@ class TokenSFTTrainer(SFTTrainer):
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
         return dataset
-
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, **kwargs):
-        # Eval sets are prepared without signal columns, which the signal collator would look up: collate them with
-        # TRL's own collator.
-        collator = self.data_collator
-        if not is_training:
-            self.data_collator = self._eval_collator
-        try:
-            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, **kwargs)
-        finally:
-            self.data_collator = collator
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
