@@ -50,6 +50,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
     return fast
 
 
+def char_tokenizer(alphabet: str, specials: tuple[str, ...] = ("<pad>", "<bos>", "<eos>")) -> PreTrainedTokenizerFast:
+    """One token per character of `alphabet`, after `specials` (ids 0, 1, 2: pad, bos, eos); <bos> is prepended to
+    every encoded text, as Llama tokenizers do. The arith_chain mini experiment's tokenizer: the 3 `specials` + the 17
+    characters "0123456789+-=:QA\\n" = 20 ids. A character outside the alphabet is an error (no unknown token).
+    """
+    from tokenizers import Tokenizer, decoders, models, processors
+
+    pad, bos, eos = specials
+    vocab = {tok: i for i, tok in enumerate([*specials, *alphabet])}
+    if len(vocab) != len(specials) + len(alphabet):
+        raise ValueError(f"alphabet {alphabet!r} repeats a character or a special token")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))  # no merges: every character is its own token
+    tok.add_special_tokens(list(specials))
+    tok.decoder = decoders.Fuse()  # concatenate, no spaces between characters
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, bos_token=bos, eos_token=eos)
+
+
 def tiny_llama(
     tokenizer: PreTrainedTokenizerFast,
     hidden_size: int = 64,
@@ -106,9 +126,17 @@ def load_model(
 ):
     """A causal LM by hub name or path; `adapter` loads a PEFT adapter on top (merged if `merge_adapter`).
 
-    Frozen auxiliary models (`trainable=False`) are put in eval mode with gradients off.
+    A folder holding only a PEFT adapter (what a LoRA `sft`/`train` stage writes) loads its base model, named in
+    `adapter_config.json`, with the adapter on top. Frozen auxiliary models (`trainable=False`) are put in eval mode
+    with gradients off.
     """
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    adapter_config = Path(str(name_or_path)) / "adapter_config.json"
+    if adapter is None and adapter_config.exists():
+        import json
+
+        adapter, name_or_path = name_or_path, json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        logger.info("%s is a PEFT adapter: loading its base %s under it", adapter, name_or_path)
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype)
     if adapter is not None:
         from peft import PeftModel
@@ -127,13 +155,24 @@ def vocab_size(model) -> int:
     return model.get_input_embeddings().weight.shape[0]
 
 
-def check_same_vocab(tokenizer, model, what: str) -> None:
-    """An auxiliary model must read the policy tokenizer's ids: equal vocab sizes or an error giving both."""
+def check_same_vocab(tokenizer, model, what: str, model_tokenizer=None) -> None:
+    """An auxiliary model must read the policy tokenizer's ids.
+
+    Its embedding may be wider than the tokenizer (Qwen2.5 pads 151,665 tokens to 151,936 rows) but never narrower;
+    when the model comes with its own tokenizer (`model_tokenizer`), both must map the same strings to the same ids.
+    """
     n_model, n_tok = vocab_size(model), len(tokenizer)
-    if n_model != n_tok:
+    if n_model < n_tok:
         raise ValueError(
             f"{what} has {n_model} embedding rows but the policy tokenizer has {n_tok} tokens: "
             "its ids would not mean the same tokens. Use a model of the same tokenizer family."
+        )
+    if model_tokenizer is not None and model_tokenizer.get_vocab() != tokenizer.get_vocab():
+        own, policy = model_tokenizer.get_vocab(), tokenizer.get_vocab()
+        diff = sorted(set(own.items()) ^ set(policy.items()), key=lambda kv: kv[1])[:3]
+        raise ValueError(
+            f"{what}'s tokenizer ({len(own)} tokens) differs from the policy tokenizer ({len(policy)} tokens), "
+            f"e.g. {diff}: its scores would belong to other token ids. Use fine-tunes of the policy's base model."
         )
 
 
@@ -147,11 +186,14 @@ def generate(
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int = 0,
     desc: str = "Generating",
+    progress: bool = True,
 ) -> list[str]:
     """Completions of tokenised prompts (left-padded batches, longest first), decoded without special tokens.
 
-    Greedy by default; generation stops at EOS. Returned in the order of `prompts`.
+    Greedy by default; generation stops at EOS. Sampling uses exactly `temperature`, `top_p` and `top_k` (0 = off),
+    not the model's generation_config defaults. Returned in the order of `prompts`.
     """
     from tqdm.auto import tqdm
 
@@ -160,7 +202,7 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: dict[int, str] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=desc):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
         batch = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
@@ -170,7 +212,9 @@ def generate(
             input_ids[b, width - n :] = torch.tensor(prompts[i])
             attention_mask[b, width - n :] = 1
         sampling = (
-            {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+            {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+            if do_sample
+            else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         )
         out = model.generate(
             input_ids=input_ids.to(device),

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from .grading import Verdict
 
 
+# The characters of every prompt and completion; the mini experiment's tokenizer is these plus <pad> <bos> <eos>.
+ALPHABET = "0123456789+-=:QA\n"
+
+
 def solve(a: int, op: str, b: int) -> str:
     """The worked completion of a{op}b: one line "{x}{op}{y}{op}{c}={s}" per column, units first, then "A:{result}"."""
     n = max(len(str(a)), len(str(b)))
@@ -62,12 +66,17 @@ def extract_answer(text: str) -> str:
     return str(int(match[1])) if match else ""  # int(): "A:007" answers 7
 
 
-def grade(completion: str, gold: str | int) -> Verdict:
-    """'correct' if the integer after the last "A:" equals `gold`, 'unparsable' if there is none, else 'wrong'."""
+def gold_answer(gold: str | int) -> str:
+    """The gold result as a canonical integer string; a gold that is not an integer is a data error."""
     try:
-        target = int(gold)
+        return str(int(gold))
     except ValueError:
         raise ValueError(f"arith_chain gold answer is not an integer: {gold!r}") from None
+
+
+def grade(completion: str, gold: str | int) -> Verdict:
+    """'correct' if the integer after the last "A:" equals `gold`, 'unparsable' if there is none, else 'wrong'."""
+    target = int(gold_answer(gold))
     answer = extract_answer(completion)
     if not answer:
         return "unparsable"

@@ -15,12 +15,9 @@ from . import arithmetic, gsm8k, math
 Verdict = Literal["correct", "wrong", "unparsable"]
 VERDICTS: tuple[Verdict, ...] = ("correct", "wrong", "unparsable")
 
-# Task name -> grader; the names recipes use in `task:`.
-GRADERS: dict[str, Callable[[str, str], Verdict]] = {
-    "gsm8k": gsm8k.grade,
-    "math": math.grade,
-    "arithmetic": arithmetic.grade,
-}
+# Task name -> module with `grade`, `extract_answer` and `gold_answer`; the names recipes use in `task:`.
+TASKS = {"gsm8k": gsm8k, "math": math, "arithmetic": arithmetic}
+GRADERS: dict[str, Callable[[str, str], Verdict]] = {name: module.grade for name, module in TASKS.items()}
 
 
 def accuracy(results: Iterable[Verdict]) -> dict[str, int | float]:

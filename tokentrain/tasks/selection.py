@@ -68,13 +68,11 @@ def select(answers: list[str], correct: list[bool]) -> dict[str, Any]:
     return {"pos": pos, "neg": neg, "pair": pair}
 
 
-def completion_text(chain: str) -> str:
-    """A chain of thought as a completion: " " + chain (the space after "Answer:" belongs to the completion)."""
-    return " " + chain
-
-
-def build_sets(samples: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def build_sets(samples: Iterable[dict[str, Any]], completion_prefix: str = " ") -> dict[str, list[dict[str, Any]]]:
     """`pos_sft`, `neg_sft` and `pairs` rows from a samples table, in question order (neg rows in selection order).
+
+    Completions are `completion_prefix` + chain: " " for "Answer:" prompts (the space belongs to the completion),
+    "" for arith_chain, whose prompt ends with a newline.
 
     Samples rows: `question_id`, `question`, `gold`, `prompt`, `completions` (stripped chains), `answers`, `correct`.
     SFT rows: `question_id`, `prompt`, `completion`; pair rows: `question_id`, `prompt`, `chosen`, `rejected`, `gold`.
@@ -91,11 +89,15 @@ def build_sets(samples: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, An
         chosen = select(answers, correct)
         if chosen["pos"] is not None:
             sets["pos_sft"].append(
-                {"question_id": qid, "prompt": row["prompt"], "completion": completion_text(completions[chosen["pos"]])}
+                {
+                    "question_id": qid,
+                    "prompt": row["prompt"],
+                    "completion": completion_prefix + completions[chosen["pos"]],
+                }
             )
         for i in chosen["neg"]:
             sets["neg_sft"].append(
-                {"question_id": qid, "prompt": row["prompt"], "completion": completion_text(completions[i])}
+                {"question_id": qid, "prompt": row["prompt"], "completion": completion_prefix + completions[i]}
             )
         if chosen["pair"] is not None:
             win, lose = chosen["pair"]
@@ -103,8 +105,8 @@ def build_sets(samples: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, An
                 {
                     "question_id": qid,
                     "prompt": row["prompt"],
-                    "chosen": completion_text(completions[win]),
-                    "rejected": completion_text(completions[lose]),
+                    "chosen": completion_prefix + completions[win],
+                    "rejected": completion_prefix + completions[lose],
                     "gold": row["gold"],
                 }
             )
