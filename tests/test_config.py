@@ -3,23 +3,56 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tokentrain.config import ConfigError, coerce, load_stage, parse_override_args, recipe_stages, trainer_config_class
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*") if p.is_dir() and list(p.glob("[0-9]*.yaml")))
-VARS = {"run_dir": "runs/x", "data_dir": "data"}
+ALL_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*") if p.is_dir() and list(p.glob("[0-9]*.yaml")))
+VARS = {"run_dir": "runs/x", "data_dir": "data", "top_dir": "runs/x"}
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_shipped_recipes_parse_and_build_configs(recipe):
+def _grid_subrecipes():
+    subs = set()
+    for recipe in ALL_RECIPES:
+        for path in recipe_stages(recipe):
+            if yaml.safe_load(path.read_text()).get("stage") == "grid":
+                subs.add((path.parent / yaml.safe_load(path.read_text())["recipe"]).resolve())
+    return subs
+
+
+# sub-recipes of grid stages are checked through their grid, with the grid's variables
+RECIPES = [r for r in ALL_RECIPES if r.resolve() not in _grid_subrecipes()]
+
+
+def _check_recipe(recipe, variables, seen):
     for path in recipe_stages(recipe):
-        stage = load_stage(path, {}, VARS)
-        assert stage.config.output_dir.startswith("runs/x/")
+        stage = load_stage(path, {}, variables)
+        assert stage.config.output_dir.startswith(variables["run_dir"] + "/")
+        seen.append(path)
         cls = trainer_config_class(stage.config)
         if cls is not None:  # the trainer config really accepts every key (bf16 off: no GPU here)
             kwargs = {**stage.trainer_kwargs, "bf16": False, "gradient_checkpointing": False}
             cls(output_dir="/tmp/unused", **kwargs)
+        if stage.config.stage == "grid":  # every stage of the sub-recipe, with the first value of every variable
+            combo = {k: str(v[0]) for k, v in stage.config.variables.items()}
+            sub_vars = {**variables, **combo, "parent_dir": variables["run_dir"], "run_dir": stage.config.output_dir}
+            _check_recipe(path.parent / stage.config.recipe, sub_vars, seen)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shipped_recipes_parse_and_build_configs(recipe):
+    seen = []
+    _check_recipe(recipe, VARS, seen)
+    assert seen
+
+
+def test_every_shipped_stage_file_is_checked():
+    seen = []
+    for recipe in RECIPES:
+        _check_recipe(recipe, VARS, seen)
+    every = {p.resolve() for r in ALL_RECIPES for p in recipe_stages(r)}
+    assert every == {p.resolve() for p in seen}
 
 
 def write(tmp_path, text):

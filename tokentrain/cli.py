@@ -15,13 +15,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from .config import STAGES, ConfigError, Stage, default_data_dir, load_stage, parse_override_args, recipe_stages
 from .data import (
+    DONE_FILE,
     apply_templates,
     atomic_output,
     distributed_state,
@@ -52,6 +56,8 @@ def run_prepare(stage: Stage, overwrite: bool = False) -> None:
     from .tasks import e2e
 
     cfg = stage.config
+    if cfg.task == "arith_chain":
+        return _prepare_arith_chain(stage, overwrite)
     if cfg.task == "e2e":
         data_dir = Path(cfg.data_dir) / "e2e"
         if not data_dir.exists():
@@ -61,7 +67,7 @@ def run_prepare(stage: Stage, overwrite: bool = False) -> None:
         rows = e2e.make_synthetic_e2e(cfg.num_rows, cfg.seed)
         train, test = e2e.split_e2e(rows, num_test=max(10, len({r["mr"] for r in rows}) // 10))
     else:
-        raise ConfigError(f"{stage.path.name}: task must be 'e2e' or 'e2e_synthetic', got {cfg.task!r}")
+        raise ConfigError(f"{stage.path.name}: task must be 'e2e', 'e2e_synthetic' or 'arith_chain', got {cfg.task!r}")
 
     def fmt(rows):
         return [{**e2e.format_row(r["mr"], r["ref"]), "mr": r["mr"]} for r in rows]
@@ -82,6 +88,39 @@ def run_prepare(stage: Stage, overwrite: bool = False) -> None:
             len(test),
             len({r["mr"] for r in test}),
         )
+
+
+def _prepare_arith_chain(stage: Stage, overwrite: bool) -> None:
+    """arith_chain (spec critical_dpo section 7): one jsonl of problems per entry of `splits` ({name: [rows, seed]}),
+    the character tokenizer and the 264,000-parameter Llama (hidden 64, 4 layers, 4 heads, MLP 256) in init/."""
+    from .models import char_tokenizer, tiny_llama
+    from .tasks.arithmetic import ALPHABET, make_problems
+
+    cfg = stage.config
+    if not cfg.splits:
+        raise ConfigError(f"{stage.path.name}: arith_chain needs `splits`, e.g. {{pool: [50000, 0], dev: [200, 777]}}")
+    with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
+        for name, spec in cfg.splits.items():
+            if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, int) for x in spec)):
+                raise ConfigError(f"{stage.path.name}: splits.{name} must be [rows, seed], got {spec!r}")
+            with open(tmp / f"{name}.jsonl", "w") as f:
+                for i, row in enumerate(make_problems(*spec)):
+                    f.write(json.dumps({"question_id": i, **row}) + "\n")
+            logger.info("arith_chain %s: %d problems (seed %d)", name, *spec)
+        tokenizer = char_tokenizer(ALPHABET)
+        model = tiny_llama(
+            tokenizer,
+            hidden_size=64,
+            num_layers=4,
+            num_heads=4,
+            intermediate_size=256,
+            max_positions=128,
+            seed=cfg.seed,
+        )
+        model.save_pretrained(tmp / "init")
+        tokenizer.save_pretrained(tmp / "init")
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info("arith_chain model: %d parameters, vocab %d -> %s/init", n_params, len(tokenizer), cfg.output_dir)
 
 
 def _drop_prompt_rows(dataset, tokenizer):
@@ -122,14 +161,25 @@ def run_train(stage: Stage, overwrite: bool = False) -> None:
             dataset = _drop_prompt_rows(dataset, tokenizer)
     peft_config = None
     if cfg.lora_r > 0:
+        targets = cfg.lora_target_modules
         peft_config = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM"
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
+            task_type="CAUSAL_LM",
         )
+    stoppers = [AccuracyStop(cfg, tokenizer)] if cfg.stop_accuracy > 0 else []
     with atomic_output(cfg.output_dir, overwrite=overwrite, keep_partial=True) as tmp:
         kwargs = {"report_to": "none", "logging_steps": 10, **stage.trainer_kwargs}
         args = config_cls(output_dir=str(tmp), seed=cfg.seed, **kwargs)
         trainer = trainer_cls(
-            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=stoppers,
         )
         last = get_last_checkpoint(str(tmp)) if tmp.exists() else None
         if last:
@@ -142,7 +192,214 @@ def run_train(stage: Stage, overwrite: bool = False) -> None:
             for ckpt in tmp.glob("checkpoint-*"):
                 shutil.rmtree(ckpt)
             summary = {"train_seconds": round(time.time() - start, 1), **result.metrics, "stage": stage.name}
+            summary["log_history"] = trainer.state.log_history
+            for stopper in stoppers:
+                summary["accuracy_checks"] = stopper.checks
             (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def run_generate(stage: Stage, overwrite: bool = False) -> None:
+    """Sample `num_samples` chains per question, grade them, select `pos_sft`, `neg_sft` and `pairs` (spec critical_dpo
+    section 4). Questions are sampled in chunks of `chunk_questions`, each saved as its own file when complete: a
+    killed run resumes at the first missing chunk, so no question is sampled twice. Each chunk has its own seed
+    (`seed`, chunk index), so a resumed or multi-process run gives the same samples as an uninterrupted one."""
+    from .tasks.grading import TASKS
+
+    cfg = stage.config
+    if cfg.task not in TASKS:
+        raise ConfigError(f"{stage.path.name}: task must be one of {sorted(TASKS)}, got {cfg.task!r}")
+    if cfg.samples_from:
+        return _samples_from(stage, overwrite)
+    for key in ("model", "dataset"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{stage.path.name}: generate needs {key} (or samples_from)")
+    if cfg.num_samples < 1 or cfg.chunk_questions < 1 or cfg.batch_size < 1:
+        raise ConfigError(f"{stage.path.name}: num_samples, chunk_questions and batch_size must be >= 1")
+    questions = _questions(cfg, TASKS[cfg.task])
+    n_chunks = -(-len(questions) // cfg.chunk_questions)
+    state = distributed_state()
+    with atomic_output(cfg.output_dir, overwrite=overwrite, keep_partial=True) as tmp:
+        chunk_dir = tmp / "chunks"
+        if state.is_main_process:
+            chunk_dir.mkdir(exist_ok=True)
+        state.wait_for_everyone()
+        todo = [c for c in range(n_chunks) if not (chunk_dir / f"chunk-{c:06d}.jsonl").exists()]
+        if len(todo) < n_chunks:
+            logger.info("%s: resuming, %d of %d chunks already sampled", stage.name, n_chunks - len(todo), n_chunks)
+        mine = todo[state.process_index :: state.num_processes]
+        if mine:
+            _sample_chunks(cfg, questions, mine, chunk_dir, state)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            samples = []
+            for c in range(n_chunks):
+                with open(chunk_dir / f"chunk-{c:06d}.jsonl") as f:
+                    samples += [json.loads(line) for line in f]
+            _write_samples(tmp, samples, cfg, stage.name)
+            shutil.rmtree(chunk_dir)
+
+
+def _questions(cfg, task) -> list[dict]:
+    """Rows -> {question_id, question, gold (canonical), prompt}; a gold answer that does not parse names its row."""
+    rows = _load_rows(cfg)
+    missing = [c for c in ("prompt", cfg.gold_column) if c not in rows.column_names]
+    if missing:
+        raise KeyError(
+            f"{cfg.dataset}: generate needs column(s) {missing} (has {rows.column_names}); build `prompt` with "
+            "prompt_template, name the gold column with gold_column"
+        )
+    questions, seen = [], set()
+    for i, row in enumerate(rows):
+        qid = row.get("question_id", i)
+        if qid in seen:
+            raise ValueError(f"{cfg.dataset}: question_id {qid!r} appears twice (row {i})")
+        seen.add(qid)
+        try:
+            gold = task.gold_answer(str(row[cfg.gold_column]))
+        except ValueError as e:
+            raise ValueError(f"{cfg.dataset}: row {i} (question_id {qid!r}): {e}") from None
+        question = row.get(cfg.question_column, row["prompt"])
+        questions.append({"question_id": qid, "question": question, "gold": gold, "prompt": row["prompt"]})
+    return questions
+
+
+def _sample_chunks(cfg, questions: list[dict], chunks: list[int], chunk_dir: Path, state) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from .tasks.fewshot import cut_at_stop, fewshot_prompt
+    from .tasks.grading import TASKS
+
+    task = TASKS[cfg.task]
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, dtype=cfg.dtype, merge_adapter=True, trainable=False).to(state.device)
+    per_chunk = cfg.chunk_questions * cfg.num_samples
+    logger.info(
+        "sampling %d questions x %d (temperature %g, top_p %g, top_k %d, <= %d new tokens) in %d chunks on %d "
+        "process(es)",
+        len(questions),
+        cfg.num_samples,
+        cfg.temperature,
+        cfg.top_p,
+        cfg.top_k,
+        cfg.max_new_tokens,
+        len(chunks) * state.num_processes,
+        state.num_processes,
+    )
+    for c in tqdm(chunks, desc=f"Sampling ({per_chunk} sequences per chunk)", disable=not state.is_main_process):
+        qs = questions[c * cfg.chunk_questions : (c + 1) * cfg.chunk_questions]
+        prompts = [prompt_ids({"prompt": fewshot_prompt(cfg.fewshot, q["prompt"])}, tokenizer) for q in qs]
+        torch.manual_seed(cfg.seed * 1_000_003 + c)  # per chunk: the same samples however the run is split
+        texts = generate(
+            model,
+            tokenizer,
+            [p for p in prompts for _ in range(cfg.num_samples)],
+            cfg.max_new_tokens,
+            cfg.batch_size,
+            do_sample=True,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            progress=False,
+        )
+        part = chunk_dir / f"chunk-{c:06d}.jsonl.part"
+        with open(part, "w") as f:
+            for k, q in enumerate(qs):
+                chains = [cut_at_stop(t) for t in texts[k * cfg.num_samples : (k + 1) * cfg.num_samples]]
+                answers = [task.extract_answer(t) for t in chains]
+                correct = [task.grade(t, q["gold"]) == "correct" for t in chains]
+                f.write(json.dumps({**q, "completions": chains, "answers": answers, "correct": correct}) + "\n")
+        os.replace(part, chunk_dir / f"chunk-{c:06d}.jsonl")  # a chunk exists whole or not at all
+
+
+def _samples_from(stage: Stage, overwrite: bool) -> None:
+    from .tasks.selection import samples_from_gsm8k_solutions
+
+    cfg = stage.config
+    if cfg.samples_from != "gsm8k_solutions":
+        raise ConfigError(
+            f"{stage.path.name}: samples_from must be 'gsm8k_solutions' or empty, got {cfg.samples_from!r}"
+        )
+    if cfg.task != "gsm8k":
+        raise ConfigError(f"{stage.path.name}: samples_from gsm8k_solutions needs task gsm8k, got {cfg.task!r}")
+    samples = samples_from_gsm8k_solutions(cfg.samples_path, cfg.samples_split)
+    with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
+        if distributed_state().is_main_process:
+            _write_samples(tmp, samples, cfg, stage.name)
+
+
+def _write_samples(tmp: Path, samples: list[dict], cfg, name: str) -> None:
+    """samples.jsonl, the selected pos_sft/neg_sft/pairs.jsonl and generate_summary.json; prints the counts."""
+    from .tasks.selection import build_sets
+
+    sets = build_sets(samples, completion_prefix=cfg.completion_prefix)
+    for fname, rows in (("samples", samples), *sets.items()):
+        with open(tmp / f"{fname}.jsonl", "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    n = max(len(samples), 1)
+    total = sum(len(r["completions"]) for r in samples)
+    summary = {
+        "stage": name,
+        "samples_from": cfg.samples_from or None,
+        "samples_split": cfg.samples_split if cfg.samples_from else None,
+        "model": None if cfg.samples_from else cfg.model,
+        "temperature": None if cfg.samples_from else cfg.temperature,
+        "questions": len(samples),
+        "samples": total,
+        "mean_wrong_per_question": sum(r["correct"].count(False) for r in samples) / n,
+        "mean_correct_per_question": sum(r["correct"].count(True) for r in samples) / n,
+        "unparsable_fraction": sum(a == "" for r in samples for a in r["answers"]) / max(total, 1),
+        "question_ids": [r["question_id"] for r in samples],
+        **{f"{k}_rows": len(v) for k, v in sets.items()},
+    }
+    (tmp / "generate_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    logger.info(
+        "%s: %d questions, %d samples; per question %.2f correct, %.2f wrong (%.1f%% of samples unparsable); "
+        "%d pos_sft, %d neg_sft rows, %d pairs",
+        name,
+        len(samples),
+        total,
+        summary["mean_correct_per_question"],
+        summary["mean_wrong_per_question"],
+        100 * summary["unparsable_fraction"],
+        len(sets["pos_sft"]),
+        len(sets["neg_sft"]),
+        len(sets["pairs"]),
+    )
+
+
+class AccuracyStop(TrainerCallback):
+    """Greedy accuracy of the model on `stop_dataset` every `stop_check_every` steps from `stop_check_from`; training
+    stops at the first check reaching `stop_accuracy` (the mini experiment's base SFT: stop at dev >= 0.45)."""
+
+    def __init__(self, cfg, tokenizer):
+        from .tasks.grading import GRADERS
+
+        if cfg.stop_task not in GRADERS or not cfg.stop_dataset:
+            raise ConfigError(f"stop_accuracy needs stop_dataset and stop_task (one of {sorted(GRADERS)})")
+        self.cfg, self.tokenizer, self.grade = cfg, tokenizer, GRADERS[cfg.stop_task]
+        self.rows = list(load_rows(cfg.stop_dataset))
+        self.prompts = [prompt_ids(r, tokenizer) for r in self.rows]
+        self.checks: list[dict] = []
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        from .tasks.grading import accuracy
+
+        step, cfg = state.global_step, self.cfg
+        if step < cfg.stop_check_from or (step - cfg.stop_check_from) % cfg.stop_check_every:
+            return control
+        was_training = model.training
+        texts = generate(model, self.tokenizer, self.prompts, cfg.stop_max_new_tokens, 256, progress=False)
+        model.train(was_training)
+        acc = accuracy(self.grade(t, str(r["gold"])) for t, r in zip(texts, self.rows))["accuracy"]
+        self.checks.append({"step": step, "accuracy": acc})
+        logger.info(
+            "step %d: greedy accuracy on %s %.3f (stop at %.3f)", step, cfg.stop_dataset, acc, cfg.stop_accuracy
+        )
+        if acc >= cfg.stop_accuracy:
+            control.should_training_stop = True
+        return control
 
 
 def _check_signal_meta(meta: dict, tokenizer, stage: Stage) -> None:
@@ -166,8 +423,10 @@ def run_score(stage: Stage, overwrite: bool = False) -> None:
     from .signals.ref_logps import score_ref_logps
 
     cfg = stage.config
+    if cfg.signal == "contrastive":
+        return _score_contrastive(stage, overwrite)
     if cfg.signal != "ref_logps":
-        raise ConfigError(f"{stage.path.name}: signal must be 'ref_logps', got {cfg.signal!r}")
+        raise ConfigError(f"{stage.path.name}: signal must be 'ref_logps' or 'contrastive', got {cfg.signal!r}")
     accelerator = Accelerator()
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     reference = load_model(cfg.model, dtype=cfg.dtype, trainable=False).to(accelerator.device)
@@ -198,6 +457,93 @@ def run_score(stage: Stage, overwrite: bool = False) -> None:
             logger.info("scored %d rows (%d tokens) -> %s", len(ids), sum(map(len, ids)), cfg.output_dir)
 
 
+def _score_contrastive(stage: Stage, overwrite: bool) -> None:
+    """pos/neg models -> `prompt_ids`, `chosen_ids`, `rejected_ids`, `rejected_weights` [, `chosen_weights`] columns
+    (spec critical_dpo section 2); rows the length filter drops are left out, the others keep their columns."""
+    from accelerate import Accelerator
+
+    from .signals.contrastive import score_contrastive
+
+    cfg = stage.config
+    for key in ("pos_model", "neg_model", "dataset"):
+        if not getattr(cfg, key):
+            raise ConfigError(f"{stage.path.name}: signal 'contrastive' needs {key}")
+    if Path(cfg.pos_model).resolve() == Path(cfg.neg_model).resolve() or cfg.pos_model == cfg.neg_model:
+        raise ConfigError(
+            f"{stage.path.name}: pos_model and neg_model are both {cfg.pos_model!r}; the contrastive estimate needs the "
+            "positive and the negative fine-tunes"
+        )
+    accelerator = Accelerator()
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.pos_model)
+    models = {}
+    for side in ("pos_model", "neg_model"):
+        path = getattr(cfg, side)
+        model = load_model(path, dtype=cfg.dtype, merge_adapter=True, trainable=False).to(accelerator.device)
+        own = load_tokenizer(path) if _has_tokenizer(path) else None
+        check_same_vocab(tokenizer, model, f"{side} {path}", model_tokenizer=own)
+        models[side] = model
+    dataset = _load_rows(cfg)
+    require = [c for c in ("prompt", "chosen", "rejected") if c not in dataset.column_names]
+    if require:
+        raise KeyError(
+            f"{cfg.dataset}: preference rows need columns prompt, chosen, rejected; missing {require} (a generate "
+            "stage writes them to <output_dir>/pairs.jsonl)"
+        )
+    with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
+        columns = score_contrastive(
+            dataset,
+            models["pos_model"],
+            models["neg_model"],
+            tokenizer,
+            ce_beta=cfg.ce_beta,
+            score_chosen=cfg.score_chosen,
+            batch_size=cfg.batch_size,
+            chunk_size=cfg.chunk_size,
+            max_prompt_length=cfg.max_prompt_length,
+            max_length=cfg.max_length,
+            accelerator=accelerator,
+        )
+        if accelerator.is_main_process:
+            from datasets import Sequence, Value
+
+            kept = columns.pop("kept_rows")
+            n_rows, dataset = len(dataset), dataset.select(kept)
+            for name, values in columns.items():
+                if name in dataset.column_names:
+                    dataset = dataset.remove_columns(name)
+                dtype = "int32" if name.endswith("_ids") else "float32"
+                dataset = dataset.add_column(name, values, feature=Sequence(Value(dtype)))
+            dataset.save_to_disk(str(tmp))
+            weights = [w for row in columns["rejected_weights"] for w in row]
+            meta = {
+                "signal": "contrastive",
+                "pos_model": cfg.pos_model,
+                "neg_model": cfg.neg_model,
+                "ce_beta": cfg.ce_beta,
+                "score_chosen": cfg.score_chosen,
+                "tokenizer": tokenizer.name_or_path,
+                "vocab_size": len(tokenizer),
+                "rows": len(dataset),
+                "dropped_rows": n_rows - len(kept),
+                "rejected_weight_mean": sum(weights) / max(len(weights), 1),
+                "rejected_weight_above_half": sum(w > 0.5 for w in weights) / max(len(weights), 1),
+            }
+            write_meta(tmp, meta)
+            logger.info(
+                "scored %d pairs (%d rejected tokens): mean rejected weight %.3f, %.1f%% of tokens above 0.5 -> %s",
+                len(dataset),
+                len(weights),
+                meta["rejected_weight_mean"],
+                100 * meta["rejected_weight_above_half"],
+                cfg.output_dir,
+            )
+
+
+def _has_tokenizer(path: str) -> bool:
+    folder = Path(path)
+    return not folder.is_dir() or any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
     """Greedy decoding + held-out NLL of each model on the task's test rows; writes eval.json and prints a table."""
 
@@ -208,22 +554,31 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
     cfg = stage.config
     if cfg.task != "e2e" and cfg.task not in GRADERS:
         raise ConfigError(f"{stage.path.name}: task must be 'e2e' or one of {sorted(GRADERS)}, got {cfg.task!r}")
-    rows = _load_rows(cfg)
+    rows = _evaluation_rows(stage)
     results = {}
     with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
         if distributed_state().is_main_process:
+            from .tasks.fewshot import cut_at_stop, fewshot_prompt
+
             for name, path in cfg.models.items():
                 tokenizer = load_tokenizer(path)
-                model = load_model(path, trainable=False)
-                _, logps = score_ref_logps(rows, model, tokenizer, batch_size=cfg.batch_size)
-                n_tokens = sum(map(len, logps))
-                nll = -sum(map(sum, logps)) / max(n_tokens, 1)
+                model = load_model(path, merge_adapter=True, trainable=False)
+                nll = None
+                if cfg.heldout_nll:
+                    _, logps = score_ref_logps(rows, model, tokenizer, batch_size=cfg.batch_size)
+                    nll = -sum(map(sum, logps)) / max(sum(map(len, logps)), 1)
                 if cfg.task in GRADERS:
-                    prompts = [prompt_ids(r, tokenizer) for r in rows]
+                    prompts = [
+                        prompt_ids({"prompt": fewshot_prompt(cfg.fewshot, r["prompt"])}, tokenizer) for r in rows
+                    ]
                     texts = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=name)
+                    texts = [cut_at_stop(t) for t in texts]
                     verdicts = [GRADERS[cfg.task](t, str(r[cfg.gold_column])) for t, r in zip(texts, rows)]
                     results[name] = {**accuracy(verdicts), "heldout_nll": nll}
                     logger.info("%s: %s accuracy %.4f", name, cfg.task, results[name]["accuracy"])
+                    with open(tmp / f"outputs_{Path(str(name)).name}.jsonl", "w") as f:
+                        for text, verdict, r in zip(texts, verdicts, rows):
+                            f.write(json.dumps({"prompt": r["prompt"], "output": text, "verdict": verdict}) + "\n")
                     continue
                 # slot accuracy is over the distinct MRs: decode each once (greedy gives one output per prompt)
                 unique = list({r["mr"]: r for r in rows}.values())
@@ -253,6 +608,37 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
             models = {k: v for k, v in results.items() if k != "prior_diagnostic"}
             print(format_table(models) if cfg.task == "e2e" else json.dumps(models, indent=2))
     return results
+
+
+def _evaluation_rows(stage: Stage):
+    """The evaluation rows; `rows: heldout` keeps GSM8K test rows with index % 4 == 3. With `train_samples` naming a
+    `samples_from: gsm8k_solutions` generate output, evaluating on a GSM8K test row that fed training is an error."""
+    from .tasks.selection import is_heldout
+
+    cfg = stage.config
+    if cfg.rows not in ("all", "heldout"):
+        raise ConfigError(f"{stage.path.name}: rows must be 'all' or 'heldout', got {cfg.rows!r}")
+    rows = _load_rows(cfg)
+    indices = list(range(len(rows)))
+    if cfg.rows == "heldout":
+        indices = [i for i in indices if is_heldout(i)]
+    if cfg.train_samples:
+        summary_path = Path(cfg.train_samples) / "generate_summary.json"
+        if not summary_path.exists():
+            raise FileNotFoundError(
+                f"{stage.path.name}: train_samples {cfg.train_samples} has no generate_summary.json"
+            )
+        summary = json.loads(summary_path.read_text())
+        if summary.get("samples_from") == "gsm8k_solutions":
+            trained = set(summary["question_ids"])
+            leaked = [i for i in indices if i in trained]
+            if leaked:
+                raise ConfigError(
+                    f"{stage.path.name}: {len(leaked)} evaluation rows (first: row {leaked[0]}) are GSM8K test rows "
+                    f"whose solutions fed training through samples_from gsm8k_solutions ({cfg.train_samples}); "
+                    "evaluate on `rows: heldout` (index % 4 == 3)"
+                )
+    return rows.select(indices) if len(indices) < len(rows) else rows
 
 
 def _prior_diagnostic(scored: str) -> dict:
@@ -306,15 +692,6 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-RUNNERS = {
-    "prepare": run_prepare,
-    "sft": run_train,
-    "train": run_train,
-    "score": run_score,
-    "evaluate": run_evaluate,
-}
-
-
 def run_stage(stage: Stage, overwrite: bool = False) -> None:
     out = stage.config.output_dir
     if not out:
@@ -326,21 +703,156 @@ def run_stage(stage: Stage, overwrite: bool = False) -> None:
     RUNNERS[stage.config.stage](stage, overwrite)
 
 
-def run_recipe(recipe: str | Path, run_dir: str | None, data_dir: str | None, overrides: dict, overwrite=False):
+def run_recipe(
+    recipe: str | Path,
+    run_dir: str | None,
+    data_dir: str | None,
+    overrides: dict,
+    overwrite=False,
+    variables: dict | None = None,
+):
+    """Run the numbered stages of `recipe` in order, skipping complete ones. `variables` (from an enclosing grid) are
+    substituted like {run_dir}; `top_dir` is the outermost recipe's run_dir."""
     recipe = Path(recipe)
     files = recipe_stages(recipe)
+    run_dir = run_dir or str(Path("runs") / (recipe.name if recipe.is_dir() else recipe.parent.name))
     variables = {
-        "run_dir": run_dir or str(Path("runs") / (recipe.name if recipe.is_dir() else recipe.parent.name)),
+        "top_dir": run_dir,
+        **(variables or {}),
+        "run_dir": run_dir,
         "data_dir": data_dir or default_data_dir(),
     }
     stages = [load_stage(f, overrides, variables, strict=False) for f in files]  # parse all before running any
-    unused = [k for k in overrides if not any(k in s.trainer_kwargs or hasattr(s.config, k) for s in stages)]
+    known = set().union(*(_recipe_keys(s) for s in stages))
+    unused = [k for k in overrides if k not in known]
     if unused:
         raise ConfigError(f"override(s) {unused} match no key of any stage in {recipe}")
     logger.info("recipe %s: %d stages -> %s", recipe, len(stages), variables["run_dir"])
     for stage in stages:
         run_stage(stage, overwrite)
     return variables["run_dir"]
+
+
+def _recipe_keys(stage: Stage) -> set[str]:
+    """Keys a stage accepts; for a grid also every key written in its sub-recipes' stage files (the grid passes the
+    command line's overrides on to them)."""
+    keys = set(stage.trainer_kwargs) | set(vars(stage.config))
+    if stage.config.stage == "grid":
+        keys |= _sub_recipe_keys(_grid_recipe(stage))
+    return keys
+
+
+def _sub_recipe_keys(recipe: Path) -> set[str]:
+    import yaml
+
+    keys = set()
+    for f in recipe_stages(recipe):
+        raw = yaml.safe_load(f.read_text()) or {}
+        keys |= set(raw)
+        if raw.get("stage") == "grid":
+            sub = Path(raw.get("recipe", ""))
+            keys |= _sub_recipe_keys(sub if sub.is_absolute() else f.parent / sub)
+    return keys
+
+
+def _grid_recipe(stage: Stage) -> Path:
+    sub = Path(stage.config.recipe)
+    if not stage.config.recipe:
+        raise ConfigError(f"{stage.path.name}: a grid stage needs `recipe` (a folder of numbered stage files)")
+    return sub if sub.is_absolute() else stage.path.parent / sub
+
+
+def _combo_name(combo: dict) -> str:
+    return "_".join(f"{k}{v}" for k, v in combo.items())
+
+
+def run_grid(stage: Stage, overwrite: bool = False) -> None:
+    """Run the sub-recipe once per combination of `variables` (product, in order), each in `<output_dir>/<name>/`
+    (`seed0`, `lr3e-05`, ...), `workers` at a time in their own processes. Every stage inside is atomic and skipped
+    when complete, so a killed grid resumes where each combination stopped; the grid is marked complete at the end."""
+    import concurrent.futures
+    import itertools
+    import multiprocessing
+
+    cfg = stage.config
+    sub = _grid_recipe(stage)
+    if not cfg.variables or not all(isinstance(v, list) and v for v in cfg.variables.values()):
+        raise ConfigError(f"{stage.path.name}: variables must map names to non-empty lists, got {cfg.variables!r}")
+    if cfg.workers < 1:
+        raise ConfigError(f"{stage.path.name}: workers must be >= 1, got {cfg.workers}")
+    names = list(cfg.variables)
+    combos = [dict(zip(names, values)) for values in itertools.product(*cfg.variables.values())]
+    out = Path(cfg.output_dir)
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = []
+    for combo in combos:
+        variables = {
+            **stage.variables,
+            **{k: str(v) for k, v in combo.items()},
+            "parent_dir": stage.variables["run_dir"],
+        }
+        variables.pop("run_dir")
+        jobs.append((str(sub), str(out / _combo_name(combo)), variables["data_dir"], stage.overrides, variables))
+    import torch
+
+    # a nested grid shares its worker's threads: divide what this process has, not the machine's cores
+    threads = cfg.threads or max(1, torch.get_num_threads() // min(cfg.workers, len(jobs)))
+    logger.info(
+        "grid %s: %d combinations of %s from %s, %d at a time (%d torch threads each)",
+        stage.name,
+        len(jobs),
+        names,
+        sub,
+        cfg.workers,
+        threads,
+    )
+    failed = []
+    if cfg.workers == 1:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            for job in jobs:
+                run_recipe(job[0], job[1], job[2], job[3], variables=job[4])
+        finally:
+            torch.set_num_threads(before)
+    else:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(cfg.workers, mp_context=context) as pool:
+            futures = {pool.submit(_grid_worker, *job, threads): job[1] for job in jobs}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    future.result()
+                    logger.info("grid %s: %s finished", stage.name, futures[future])
+                except Exception as e:  # report every failed combination, not only the first
+                    failed.append(f"{futures[future]}: {type(e).__name__}: {e}")
+    if failed:
+        raise RuntimeError(f"grid {stage.name}: {len(failed)} combination(s) failed:\n" + "\n".join(failed))
+    (out / DONE_FILE).write_text("complete\n")
+
+
+def _grid_worker(recipe, run_dir, data_dir, overrides, variables, threads) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _setup_logging(prefix=Path(run_dir).name)
+    run_recipe(recipe, run_dir, data_dir, overrides, variables=variables)
+
+
+def run_report(stage: Stage, overwrite: bool = False) -> dict:
+    """Aggregate a grid's outputs into a table: report.json + report.md, printed."""
+    from .reports import REPORTS
+
+    cfg = stage.config
+    if cfg.report not in REPORTS:
+        raise ConfigError(f"{stage.path.name}: report must be one of {sorted(REPORTS)}, got {cfg.report!r}")
+    results, table = REPORTS[cfg.report](cfg.inputs, cfg.options)
+    with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
+        (tmp / "report.json").write_text(json.dumps(results, indent=2) + "\n")
+        (tmp / "report.md").write_text(table + "\n")
+    print(table)
+    return results
 
 
 def quickstart(stem: str, run_dir: str, overwrite: bool = False) -> None:
@@ -367,16 +879,28 @@ def quickstart(stem: str, run_dir: str, overwrite: bool = False) -> None:
     print(f"see the signal: tokentrain inspect {run_dir}/scored_prior --column ref_logps --out prior.html")
 
 
+RUNNERS = {
+    "prepare": run_prepare,
+    "generate": run_generate,
+    "sft": run_train,
+    "train": run_train,
+    "score": run_score,
+    "evaluate": run_evaluate,
+    "grid": run_grid,
+    "report": run_report,
+}
+
+
 QUICKSTART_DIR = Path(__file__).resolve().parents[1] / "recipes" / "quickstart"
 
 
 # ----------------------------------------------------------------------------------------------------------- main
 
 
-def _setup_logging() -> None:
-
+def _setup_logging(prefix: str = "") -> None:
     level = logging.INFO if distributed_state().is_main_process else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+    fmt = f"%(asctime)s [{prefix}] %(name)s: %(message)s" if prefix else "%(asctime)s %(name)s: %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@ overrides are typed by the field they set.
 A recipe is a folder of numbered stage files (`01_sft_ref.yaml`, `02_score.yaml`, ...). Each file is flat: `stage`
 names the command, the stage's own keys (below) configure it, and every other key must be a field of the stage's
 trainer config (`SFTConfig`, `WeightedNTPConfig`, ...). String values may use `{run_dir}` (the recipe's output
-folder, `--run_dir`) and `{data_dir}` (the shared data folder, `--data_dir` or $TOKENTRAIN_DATA).
+folder, `--run_dir`) and `{data_dir}` (the shared data folder, `--data_dir` or $TOKENTRAIN_DATA); inside a `grid`
+stage's sub-recipe also the grid's variables (`{seed}`, `{lr}`, ...).
 """
 
 from __future__ import annotations
@@ -30,17 +31,24 @@ class ConfigError(ValueError):
 class StageConfig:
     """Keys common to every stage."""
 
-    stage: str = field(metadata={"help": "Command: prepare, sft, score, train, generate or evaluate."})
+    stage: str = field(metadata={"help": "Command: prepare, sft, train, generate, score, evaluate, grid or report."})
     output_dir: str = field(default="", metadata={"help": "Output folder (relative paths are under run_dir)."})
     seed: int = field(default=0, metadata={"help": "Random seed of the stage."})
 
 
 @dataclass
 class PrepareStage(StageConfig):
-    task: str = field(default="e2e", metadata={"help": "'e2e' (../shared/data/e2e) or 'e2e_synthetic' (made in code)."})
+    task: str = field(
+        default="e2e",
+        metadata={"help": "'e2e' (../shared/data/e2e), 'e2e_synthetic' or 'arith_chain' (both made in code)."},
+    )
     data_dir: str = field(default="{data_dir}", metadata={"help": "Folder of the shared data (task 'e2e')."})
     num_rows: int = field(default=2000, metadata={"help": "Rows generated for 'e2e_synthetic'."})
     vocab_size: int = field(default=512, metadata={"help": "Vocabulary of the tokenizer trained in code."})
+    splits: dict = field(
+        default_factory=dict,
+        metadata={"help": "arith_chain: file name -> [rows, seed], e.g. {pool: [50000, 0], dev: [200, 777]}."},
+    )
 
 
 @dataclass
@@ -66,7 +74,20 @@ class SFTStage(RowsStage):
     )
     lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "LoRA target modules."})
+    lora_target_modules: str = field(
+        default="all-linear", metadata={"help": "LoRA target modules: 'all-linear' or a comma-separated list."}
+    )
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    stop_dataset: str = field(
+        default="", metadata={"help": "Rows graded greedily during training (with stop_task) to stop early."}
+    )
+    stop_task: str = field(default="", metadata={"help": "Grader of stop_dataset: gsm8k, math or arithmetic."})
+    stop_accuracy: float = field(
+        default=0.0, metadata={"help": "Stop training at the first check with this greedy accuracy or more."}
+    )
+    stop_check_from: int = field(default=0, metadata={"help": "First step at which the accuracy is checked."})
+    stop_check_every: int = field(default=25, metadata={"help": "Steps between accuracy checks."})
+    stop_max_new_tokens: int = field(default=64, metadata={"help": "Greedy decoding budget of the checks."})
 
 
 @dataclass
@@ -75,9 +96,52 @@ class TrainStage(SFTStage):
 
 
 @dataclass
+class GenerateStage(RowsStage):
+    model: str = field(default="", metadata={"help": "Model that samples (hub name, folder or adapter folder)."})
+    task: str = field(default="gsm8k", metadata={"help": "Grader of the samples: gsm8k, math or arithmetic."})
+    gold_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
+    question_column: str = field(
+        default="question", metadata={"help": "Column stored as `question` (the prompt when the rows have none)."}
+    )
+    fewshot: str = field(
+        default="none", metadata={"help": "Few-shot block before each prompt while sampling: gsm8k, math or none."}
+    )
+    num_samples: int = field(default=64, metadata={"help": "Samples per question."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
+    max_new_tokens: int = field(default=1024, metadata={"help": "Tokens sampled at most per completion."})
+    batch_size: int = field(default=64, metadata={"help": "Sequences per generate call (questions x samples)."})
+    chunk_questions: int = field(
+        default=32, metadata={"help": "Questions per saved chunk: a killed run resumes at the first missing chunk."}
+    )
+    completion_prefix: str = field(
+        default=" ", metadata={"help": "Put before each chain in the SFT/pair rows (' ' after 'Answer:')."}
+    )
+    samples_from: str = field(
+        default="", metadata={"help": "'gsm8k_solutions': read real samples instead of generating (no model)."}
+    )
+    samples_path: str = field(
+        default="{data_dir}/gsm8k/example_model_solutions.jsonl.gz",
+        metadata={"help": "File of samples_from: gsm8k_solutions."},
+    )
+    samples_split: str = field(
+        default="train", metadata={"help": "samples_from rows: train (index % 4 != 3), heldout or all."}
+    )
+    dtype: str = field(default="auto", metadata={"help": "Model weights dtype: auto, float32 or bfloat16."})
+
+
+@dataclass
 class ScoreStage(RowsStage):
-    signal: str = field(default="ref_logps", metadata={"help": "Signal to compute: ref_logps."})
-    model: str = field(default="", metadata={"help": "The frozen reference model (hub name or folder)."})
+    signal: str = field(default="ref_logps", metadata={"help": "Signal to compute: ref_logps or contrastive."})
+    model: str = field(default="", metadata={"help": "ref_logps: the frozen reference model (hub name or folder)."})
+    pos_model: str = field(default="", metadata={"help": "contrastive: the positive model (folder or adapter)."})
+    neg_model: str = field(default="", metadata={"help": "contrastive: the negative model (folder or adapter)."})
+    ce_beta: float = field(default=1.0, metadata={"help": "contrastive: b in (1+b)·z⁺ − b·z⁻."})
+    score_chosen: bool = field(default=False, metadata={"help": "contrastive: also write chosen_weights (s_t)."})
+    chunk_size: int = field(default=1024, metadata={"help": "contrastive: positions projected to logits at once."})
+    max_prompt_length: int = field(default=512, metadata={"help": "contrastive: drop rows with a longer prompt."})
+    max_length: int = field(default=1024, metadata={"help": "contrastive: drop rows with longer prompt+completion."})
     tokenizer: str = field(default="", metadata={"help": "The policy's tokenizer (default: the reference's)."})
     drop_prompt: bool = field(default=False, metadata={"help": "Score completions seen after [BOS] alone."})
     batch_size: int = field(default=16, metadata={"help": "Rows per forward (sorted by length, longest first)."})
@@ -94,14 +158,44 @@ class EvaluateStage(RowsStage):
     gold_column: str = field(default="answer", metadata={"help": "Column holding the gold answer (gsm8k, math)."})
     max_new_tokens: int = field(default=80, metadata={"help": "Greedy decoding budget."})
     batch_size: int = field(default=32, metadata={"help": "Rows per generation batch."})
+    fewshot: str = field(
+        default="none", metadata={"help": "Few-shot block before each prompt (gsm8k, math, none), as in generate."}
+    )
+    train_samples: str = field(
+        default="",
+        metadata={"help": "A generate output the models trained on: refuses evaluation rows that fed training."},
+    )
+    rows: str = field(default="all", metadata={"help": "all, or heldout (GSM8K test rows with index % 4 == 3)."})
+    heldout_nll: bool = field(default=True, metadata={"help": "Also report the models' NLL of the gold completions."})
+
+
+@dataclass
+class GridStage(StageConfig):
+    recipe: str = field(default="", metadata={"help": "A recipe folder run once per combination of `variables`."})
+    variables: dict = field(
+        default_factory=dict,
+        metadata={"help": "name -> list of values; `{name}` in the sub-recipe is replaced, e.g. {seed: [0, 1, 2]}."},
+    )
+    workers: int = field(default=1, metadata={"help": "Combinations run at once, each in its own process."})
+    threads: int = field(default=0, metadata={"help": "torch threads per worker (0: cores / workers)."})
+
+
+@dataclass
+class ReportStage(StageConfig):
+    report: str = field(default="critical_dpo_mini", metadata={"help": "Which report: critical_dpo_mini."})
+    inputs: str = field(default="", metadata={"help": "Folder the report reads (a grid stage's output)."})
+    options: dict = field(default_factory=dict, metadata={"help": "Report-specific settings."})
 
 
 STAGES: dict[str, type[StageConfig]] = {
     "prepare": PrepareStage,
     "sft": SFTStage,
     "train": TrainStage,
+    "generate": GenerateStage,
     "score": ScoreStage,
     "evaluate": EvaluateStage,
+    "grid": GridStage,
+    "report": ReportStage,
 }
 
 
@@ -203,6 +297,8 @@ class Stage:
     path: Path
     config: StageConfig
     trainer_kwargs: dict[str, Any]
+    variables: dict[str, str] = field(default_factory=dict)  # the recipe variables it was parsed with
+    overrides: dict[str, Any] = field(default_factory=dict)  # the command line's --key value pairs (grids pass them on)
 
     @property
     def name(self) -> str:
@@ -232,10 +328,13 @@ def load_stage(
 
     def expand(v):
         if isinstance(v, str):
-            # only the recipe variables: other braces are row templates ({question})
-            return re.sub(r"\{(run_dir|data_dir)\}", lambda m: _variable(variables, m.group(1)), v)
+            # only the recipe's variables: other braces are row templates ({question})
+            names = "|".join(map(re.escape, {"run_dir", "data_dir", *variables}))
+            return re.sub(r"\{(" + names + r")\}", lambda m: _variable(variables, m.group(1)), v)
         if isinstance(v, dict):
             return {k: expand(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [expand(x) for x in v]
         return v
 
     stage_values = {k: coerce(expand(v), hints[k], f"{path.name}:{k}") for k, v in values.items() if k in stage_fields}
@@ -261,7 +360,13 @@ def load_stage(
                 + f". Valid keys: the stage keys {valid}, and {where}."
             )
         trainer_kwargs[k] = coerce(expand(v), trainer_hints[k], f"{path.name}:{k}")
-    return Stage(path=path, config=config, trainer_kwargs=trainer_kwargs)
+    return Stage(
+        path=path,
+        config=config,
+        trainer_kwargs=trainer_kwargs,
+        variables=dict(variables),
+        overrides=dict(overrides or {}),
+    )
 
 
 def _variable(variables: dict[str, str], name: str) -> str:
