@@ -10,7 +10,7 @@ import argparse
 import subprocess
 import sys
 
-MODULES = ["bench.weighted_ntp"]
+MODULES = ["bench.weighted_ntp", "bench.critical_dpo"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -176,19 +176,24 @@ class TurnTimer(TrainerCallback):
         self._release()
 
 
-def time_loss_overhead(trainer) -> list[float]:
-    """Patch `trainer` so that each `compute_loss` call appends its time outside the model's forward (seconds)."""
+def time_loss_overhead(trainer, models=None) -> list[float]:
+    """Patch `trainer` so that each `compute_loss` call appends its time outside the models' forwards (seconds).
+
+    `models`: the modules whose `forward` time is subtracted (default: the trainer's model; DPO adds its reference)."""
     times: list[float] = []
     inside = []
-    model, forward, compute_loss = trainer.model, trainer.model.forward, trainer.compute_loss
+    compute_loss = trainer.compute_loss
 
-    def timed_forward(*args, **kwargs):
-        sync()
-        t = time.perf_counter()
-        out = forward(*args, **kwargs)
-        sync()
-        inside.append(time.perf_counter() - t)
-        return out
+    def timed(forward):
+        def timed_forward(*args, **kwargs):
+            sync()
+            t = time.perf_counter()
+            out = forward(*args, **kwargs)
+            sync()
+            inside.append(time.perf_counter() - t)
+            return out
+
+        return timed_forward
 
     def timed_compute_loss(*args, **kwargs):
         inside.clear()
@@ -199,7 +204,9 @@ def time_loss_overhead(trainer) -> list[float]:
         times.append(time.perf_counter() - t - sum(inside))
         return out
 
-    model.forward, trainer.compute_loss = timed_forward, timed_compute_loss
+    for model in [trainer.model] if models is None else models:
+        model.forward = timed(model.forward)
+    trainer.compute_loss = timed_compute_loss
     return times
 
 
@@ -328,31 +335,36 @@ def interleaved_steps(trainers: dict, cycles: int) -> dict[str, TurnTimer]:
     return timers
 
 
+def report_times(timers: dict, overheads: dict, kept: slice, baseline: str, prefix: str, variants) -> None:
+    """Emit the baseline's ("trl") median step time and, per variant, the median per-cycle step-time and
+    iteration-time ratios to it and the loss overheads, over the `kept` cycles of `interleaved_steps`."""
+    note(f"{kept.stop - kept.start} interleaved cycles kept after {kept.start} warm-up, order rotated each cycle")
+    steps = {n: t.steps[kept] for n, t in timers.items()}
+    turns = {n: t.turns[kept] for n, t in timers.items()}
+    note("median step time: " + ", ".join(f"{n} {statistics.median(x):.3f}s" for n, x in steps.items()))
+    emit(f"{baseline}/step_time_s", statistics.median(steps["trl"]), "s")
+    for v in variants:
+        ratios = [a / b for a, b in zip(steps[v], steps["trl"])]
+        emit(f"{prefix}/{v}_step_time_vs_trl", statistics.median(ratios), "ratio")
+        note(
+            f"{v} step-time ratio per cycle: {spread(ratios)}; ratio of minima {min(steps[v]) / min(steps['trl']):.3f}"
+        )
+    for v in variants:
+        ratios = [a / b for a, b in zip(turns[v], turns["trl"])]
+        emit(f"{prefix}/{v}_iter_time_vs_trl", statistics.median(ratios), "ratio")
+        note(f"{v} iteration-time ratio per cycle: {spread(ratios)}")
+    emit(f"{baseline}/loss_overhead_ms", 1000 * statistics.median(overheads["trl"][kept]), "ms")
+    for v in variants:
+        emit(f"{prefix}/{v}_loss_overhead_ms", 1000 * statistics.median(overheads[v][kept]), "ms")
+
+
 def bench_trainers(quick: bool) -> None:
     warmup, cycles = (1, 3) if quick else (2, 16)
     with tempfile.TemporaryDirectory() as out_dir:
         trainers = build_trainers(out_dir)
         overheads = {n: time_loss_overhead(t) for n, t in trainers.items()}
         timers = interleaved_steps(trainers, warmup + cycles + 1)  # + 1: the memory probe
-    kept = slice(warmup, warmup + cycles)
-    note(f"{cycles} interleaved cycles kept after {warmup} warm-up, order rotated each cycle")
-    steps = {n: t.steps[kept] for n, t in timers.items()}
-    turns = {n: t.turns[kept] for n, t in timers.items()}
-    note("median step time: " + ", ".join(f"{n} {statistics.median(x):.3f}s" for n, x in steps.items()))
-    emit("trl_sft/step_time_s", statistics.median(steps["trl"]), "s")
-    for w in WEIGHTINGS:
-        ratios = [a / b for a, b in zip(steps[w], steps["trl"])]
-        emit(f"weighted_ntp/{w}_step_time_vs_trl", statistics.median(ratios), "ratio")
-        note(
-            f"{w} step-time ratio per cycle: {spread(ratios)}; ratio of minima {min(steps[w]) / min(steps['trl']):.3f}"
-        )
-    for w in WEIGHTINGS:
-        ratios = [a / b for a, b in zip(turns[w], turns["trl"])]
-        emit(f"weighted_ntp/{w}_iter_time_vs_trl", statistics.median(ratios), "ratio")
-        note(f"{w} iteration-time ratio per cycle: {spread(ratios)}")
-    emit("trl_sft/loss_overhead_ms", 1000 * statistics.median(overheads["trl"][kept]), "ms")
-    for w in WEIGHTINGS:
-        emit(f"weighted_ntp/{w}_loss_overhead_ms", 1000 * statistics.median(overheads[w][kept]), "ms")
+    report_times(timers, overheads, slice(warmup, warmup + cycles), "trl_sft", "weighted_ntp", WEIGHTINGS)
 
     peaks = {n: t.peak for n, t in timers.items()}
     emit("weighted_ntp/peak_mem_vs_trl", peaks["prior"] / peaks["trl"], "ratio")
