@@ -39,3 +39,34 @@ def test_quickstart_weighted_ntp(tmp_path, capsys):
     assert set(results.pop("prior_diagnostic")) == {"value_first", "value_rest", "other", "eos"}
     assert set(results) == {"ntp", "prior", "rho1", "rm"}
     assert all(0.0 <= r["slot_acc"] <= 1.0 and r["heldout_nll"] > 0 for r in results.values())
+
+
+def test_quickstart_critical_dpo(tmp_path, capsys):
+    """`tokentrain quickstart critical_dpo`: base SFT, sampling, pos/neg models, contrastive scores, DPO and both
+    critical_dpo forms, greedy test accuracy (about 90 s on 2 idle cores)."""
+    assert main(["quickstart", "critical_dpo", "--run_dir", str(tmp_path / "qs")]) == 0
+    out = capsys.readouterr().out
+    assert "quickstart critical_dpo finished" in out and "| cdpo_paper |" in out and "critical tokens" in out
+    results = json.loads((tmp_path / "qs" / "eval" / "eval.json").read_text())
+    assert set(results) == {"base", "sft", "dpo", "cdpo_paper", "cdpo_code"}
+    for r in results.values():
+        assert r["correct"] + r["wrong"] + r["unparsable"] == 300 and 0.0 <= r["accuracy"] <= 1.0
+    assert 0.3 <= results["base"]["accuracy"] <= 0.8  # the accuracy stop put the base in its band
+    summary = json.loads((tmp_path / "qs" / "samples" / "generate_summary.json").read_text())
+    assert summary["pairs_rows"] >= 100
+
+
+def test_sft_eval_holdout_keeps_the_best_checkpoint(tmp_path, pc_rows, tiny_model_dir, one_thread):
+    """The pos/neg SFT of the critical_dpo recipe: the last rows held out, the best checkpoint by eval loss kept."""
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in pc_rows))
+    argv = ["sft", "--model", str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "o")]
+    argv += ["--max_steps", "6", "--per_device_train_batch_size", "2", "--learning_rate", "0.05", "--bf16", "false"]
+    argv += ["--eval_strategy", "steps", "--eval_steps", "2", "--save_steps", "2", "--load_best_model_at_end", "true"]
+    assert main([*argv, "--eval_holdout", "12"]) == 2  # all 12 rows: nothing left to train on
+    assert main([*argv, "--eval_holdout", "4"]) == 0
+    summary = json.loads((tmp_path / "o" / "train_summary.json").read_text())
+    evals = {e["step"]: e["eval_loss"] for e in summary["log_history"] if "eval_loss" in e}
+    assert sorted(evals) == [2, 4, 6]
+    assert summary["best_metric"] == min(evals.values()) and evals[summary["best_step"]] == summary["best_metric"]
+    assert not list((tmp_path / "o").glob("checkpoint-*"))

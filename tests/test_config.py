@@ -5,7 +5,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tokentrain.config import ConfigError, coerce, load_stage, parse_override_args, recipe_stages, trainer_config_class
+from tokentrain.config import (
+    ConfigError,
+    coerce,
+    load_stage,
+    parse_override_args,
+    recipe_stages,
+    recipe_variables,
+    trainer_config_class,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*") if p.is_dir() and list(p.glob("[0-9]*.yaml")))
@@ -26,6 +34,7 @@ RECIPES = [r for r in ALL_RECIPES if r.resolve() not in _grid_subrecipes()]
 
 
 def _check_recipe(recipe, variables, seen):
+    variables = {**recipe_variables(recipe), **variables}
     for path in recipe_stages(recipe):
         stage = load_stage(path, {}, variables)
         assert stage.config.output_dir.startswith(variables["run_dir"] + "/")
@@ -104,3 +113,34 @@ def test_coerce(value, annotation, expected):
 def test_coerce_rejects_fractional_int():
     with pytest.raises(ConfigError, match="integer"):
         coerce(2.5, int, "k")
+
+
+@pytest.mark.parametrize("recipe", ["critical_dpo", "critical_dpo/gsm8k_solutions"])
+def test_one_model_override_reaches_every_stage(recipe):
+    """`tokentrain run recipes/critical_dpo --model X`: the policy, the SFT bases, the scoring tokenizer and the
+    evaluated base all become X (the recipe's {model} variable), none stays on the default."""
+    recipe = ROOT / "recipes" / recipe
+    assert recipe_variables(recipe)["model"] == "Qwen/Qwen2.5-1.5B"
+    variables = {**recipe_variables(recipe, {"model": "org/other-7b"}), **VARS}
+    seen = 0
+    for path in recipe_stages(recipe):
+        config = load_stage(path, {}, variables).config
+        for key in ("model", "tokenizer"):
+            value = getattr(config, key, "")
+            if value and not value.startswith("runs/x"):
+                assert value == "org/other-7b", (path.name, key)
+                seen += 1
+        if config.stage == "evaluate":
+            assert config.models["base"] == "org/other-7b"
+            seen += 1
+        assert "Qwen" not in repr(config), path.name
+    assert seen >= 6
+
+
+def test_recipe_variables_refuse_reserved_names_and_lists(tmp_path):
+    (tmp_path / "variables.yaml").write_text("run_dir: x\n")
+    with pytest.raises(ConfigError, match="set by tokentrain"):
+        recipe_variables(tmp_path)
+    (tmp_path / "variables.yaml").write_text("model: [a, b]\n")
+    with pytest.raises(ConfigError, match="single values"):
+        recipe_variables(tmp_path)

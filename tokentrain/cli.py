@@ -23,7 +23,16 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .config import STAGES, ConfigError, Stage, default_data_dir, load_stage, parse_override_args, recipe_stages
+from .config import (
+    STAGES,
+    ConfigError,
+    Stage,
+    default_data_dir,
+    load_stage,
+    parse_override_args,
+    recipe_stages,
+    recipe_variables,
+)
 from .data import (
     DONE_FILE,
     apply_templates,
@@ -169,6 +178,15 @@ def run_train(stage: Stage, overwrite: bool = False) -> None:
             target_modules=targets if targets == "all-linear" else [t.strip() for t in targets.split(",")],
             task_type="CAUSAL_LM",
         )
+    eval_dataset = None
+    if cfg.eval_holdout:
+        if not 0 < cfg.eval_holdout < len(dataset):
+            raise ConfigError(
+                f"{stage.path.name}: eval_holdout {cfg.eval_holdout} must be between 1 and the {len(dataset)} rows - 1"
+            )
+        n = len(dataset) - cfg.eval_holdout
+        dataset, eval_dataset = dataset.select(range(n)), dataset.select(range(n, len(dataset)))
+        logger.info("%s: %d training rows, the last %d held out for evaluation", stage.name, n, cfg.eval_holdout)
     stoppers = [AccuracyStop(cfg, tokenizer)] if cfg.stop_accuracy > 0 else []
     with atomic_output(cfg.output_dir, overwrite=overwrite, keep_partial=True) as tmp:
         kwargs = {"report_to": "none", "logging_steps": 10, **stage.trainer_kwargs}
@@ -177,6 +195,7 @@ def run_train(stage: Stage, overwrite: bool = False) -> None:
             model=model,
             args=args,
             train_dataset=dataset,
+            eval_dataset=eval_dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=stoppers,
@@ -193,6 +212,9 @@ def run_train(stage: Stage, overwrite: bool = False) -> None:
                 shutil.rmtree(ckpt)
             summary = {"train_seconds": round(time.time() - start, 1), **result.metrics, "stage": stage.name}
             summary["log_history"] = trainer.state.log_history
+            if trainer.state.best_metric is not None:  # load_best_model_at_end: the saved model is this checkpoint's
+                summary["best_metric"] = trainer.state.best_metric
+                summary["best_step"] = int(Path(trainer.state.best_model_checkpoint).name.split("-")[-1])
             for stopper in stoppers:
                 summary["accuracy_checks"] = stopper.checks
             (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -562,7 +584,8 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
 
             for name, path in cfg.models.items():
                 tokenizer = load_tokenizer(path)
-                model = load_model(path, merge_adapter=True, trainable=False)
+                model = load_model(path, dtype=cfg.dtype, merge_adapter=True, trainable=False)
+                model.to(distributed_state().device)  # the main process's GPU when there is one
                 nll = None
                 if cfg.heldout_nll:
                     _, logps = score_ref_logps(rows, model, tokenizer, batch_size=cfg.batch_size)
@@ -606,7 +629,7 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
                 )
             (tmp / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
             models = {k: v for k, v in results.items() if k != "prior_diagnostic"}
-            print(format_table(models) if cfg.task == "e2e" else json.dumps(models, indent=2))
+            print(format_table(models) if cfg.task == "e2e" else format_accuracy_table(models))
     return results
 
 
@@ -692,6 +715,14 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_accuracy_table(results: dict) -> str:
+    """Graded tasks: per-model accuracy with its correct / wrong / unparsable counts."""
+    lines = ["| model | accuracy | correct | wrong | unparsable |", "|---|---|---|---|---|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {100 * r['accuracy']:.1f}% | {r['correct']} | {r['wrong']} | {r['unparsable']} |")
+    return "\n".join(lines)
+
+
 def run_stage(stage: Stage, overwrite: bool = False) -> None:
     out = stage.config.output_dir
     if not out:
@@ -716,14 +747,16 @@ def run_recipe(
     recipe = Path(recipe)
     files = recipe_stages(recipe)
     run_dir = run_dir or str(Path("runs") / (recipe.name if recipe.is_dir() else recipe.parent.name))
+    own = recipe_variables(recipe, overrides)
     variables = {
         "top_dir": run_dir,
+        **own,
         **(variables or {}),
         "run_dir": run_dir,
         "data_dir": data_dir or default_data_dir(),
     }
     stages = [load_stage(f, overrides, variables, strict=False) for f in files]  # parse all before running any
-    known = set().union(*(_recipe_keys(s) for s in stages))
+    known = set().union(*(_recipe_keys(s) for s in stages)) | set(own)
     unused = [k for k in overrides if k not in known]
     if unused:
         raise ConfigError(f"override(s) {unused} match no key of any stage in {recipe}")
@@ -872,11 +905,23 @@ def quickstart(stem: str, run_dir: str, overwrite: bool = False) -> None:
     results = json.loads((Path(run_dir) / "eval" / "eval.json").read_text())
     diagnostic = results.pop("prior_diagnostic", None)
     print(f"\nquickstart {stem} finished in {time.time() - start:.0f} s; results on the held-out rows:")
-    print(format_table(results))
+    graded = all("accuracy" in r for r in results.values())
+    print(format_accuracy_table(results) if graded else format_table(results))
     if diagnostic:
         print("PRIOR mean weight by token kind:", {k: round(v, 3) for k, v in diagnostic.items()})
     print(f"outputs: {run_dir}/ (models, scored datasets with signal_meta.json, eval/eval.json)")
-    print(f"see the signal: tokentrain inspect {run_dir}/scored_prior --column ref_logps --out prior.html")
+    if stem == "critical_dpo":
+        meta = read_meta(Path(run_dir) / "pairs_scored") or {}
+        print(
+            f"pairs: {meta.get('rows')}; mean rejected-token weight {meta.get('rejected_weight_mean', 0):.3f}, "
+            f"{100 * meta.get('rejected_weight_above_half', 0):.1f}% of rejected tokens above 0.5"
+        )
+        print(
+            f"see the critical tokens: tokentrain inspect {run_dir}/pairs_scored --column rejected_weights "
+            "--ids-column rejected_ids --out critical.html"
+        )
+    else:
+        print(f"see the signal: tokentrain inspect {run_dir}/scored_prior --column ref_logps --out prior.html")
 
 
 RUNNERS = {

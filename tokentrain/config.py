@@ -78,6 +78,13 @@ class SFTStage(RowsStage):
         default="all-linear", metadata={"help": "LoRA target modules: 'all-linear' or a comma-separated list."}
     )
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    eval_holdout: int = field(
+        default=0,
+        metadata={
+            "help": "Hold out the last N rows as the eval set (with eval_strategy, load_best_model_at_end: the best "
+            "checkpoint is the one saved)."
+        },
+    )
     stop_dataset: str = field(
         default="", metadata={"help": "Rows graded greedily during training (with stop_task) to stop early."}
     )
@@ -167,6 +174,7 @@ class EvaluateStage(RowsStage):
     )
     rows: str = field(default="all", metadata={"help": "all, or heldout (GSM8K test rows with index % 4 == 3)."})
     heldout_nll: bool = field(default=True, metadata={"help": "Also report the models' NLL of the gold completions."})
+    dtype: str = field(default="auto", metadata={"help": "Model weights dtype: auto, float32 or bfloat16."})
 
 
 @dataclass
@@ -373,6 +381,26 @@ def _variable(variables: dict[str, str], name: str) -> str:
     if name not in variables:
         raise ConfigError(f"recipe value uses {{{name}}} but it is not set here; known: {sorted(variables)}")
     return variables[name]
+
+
+VARIABLES_FILE = "variables.yaml"
+
+
+def recipe_variables(recipe: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, str]:
+    """The recipe's own variables: `variables.yaml` beside its stage files (name -> default, e.g. `model:
+    Qwen/Qwen2.5-1.5B`), each replaced by a command-line override of the same name (`--model ...`). Stages use them
+    as `{model}`, so one override reaches every stage that names the model, whatever key holds it."""
+    path = Path(recipe) / VARIABLES_FILE
+    if not Path(recipe).is_dir() or not path.exists():
+        return {}
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict) or not all(isinstance(v, (str, int, float, bool)) for v in raw.values()):
+        raise ConfigError(f"{path}: must map variable names to single values, got {raw!r}")
+    reserved = {"run_dir", "data_dir", "top_dir", "parent_dir"} & set(raw)
+    if reserved:
+        raise ConfigError(f"{path}: {sorted(reserved)} are set by tokentrain, not by a recipe")
+    overrides = overrides or {}
+    return {k: str(overrides.get(k, v)) for k, v in raw.items()}
 
 
 def recipe_stages(recipe: str | Path) -> list[Path]:
