@@ -410,11 +410,13 @@ def fake_mini_tree(root: Path, dev: dict, test: dict) -> None:
 
 def test_mini_report_selects_each_methods_lr_on_dev(tmp_path):
     dev = {
+        "sft_dp": {"1e-05": [0.5, 0.5], "0.0001": [0.6, 0.6]},
         "dpo": {"1e-05": [0.6, 0.6], "0.0001": [0.7, 0.5]},  # means tie: the smaller rate
         "cdpo_paper": {"1e-05": [0.6, 0.6], "0.0001": [0.8, 0.7]},
         "cdpo_code": {"1e-05": [0.7, 0.7], "0.0001": [0.5, 0.6]},
     }
     test = {
+        "sft_dp": {"1e-05": [0.5, 0.5], "0.0001": [0.55, 0.57]},
         "dpo": {"1e-05": [0.60, 0.64], "0.0001": [0.9, 0.9]},  # test must not pick the rate
         "cdpo_paper": {"1e-05": [0.5, 0.5], "0.0001": [0.78, 0.80]},
         "cdpo_code": {"1e-05": [0.7, 0.72], "0.0001": [0.1, 0.1]},
@@ -422,16 +424,17 @@ def test_mini_report_selects_each_methods_lr_on_dev(tmp_path):
     fake_mini_tree(tmp_path, dev, test)
     results, table = critical_dpo_mini(tmp_path / "seeds", {"base": str(tmp_path / "eval_base")})
     selected = {m: r["selected_lr"] for m, r in results["methods"].items()}
-    assert selected == {"dpo": "1e-05", "cdpo_paper": "0.0001", "cdpo_code": "1e-05"}
+    assert selected == {"sft_dp": "0.0001", "dpo": "1e-05", "cdpo_paper": "0.0001", "cdpo_code": "1e-05"}
     assert "| 1e-05 | 62.0 ± 2.8 | **62.0** / 90.0 |" in table  # dpo: mean ± sd at the selected rate
     assert "| 0.0001 | 79.0 ± 1.4 | 50.0 / **79.0** |" in table
-    assert "| + SFT on D_p (positive model) | - | 40.0 ± 0.0 |" in table
+    assert "| + SFT on D_p (the positive model, lr 1e-3) | - | 40.0 ± 0.0 |" in table
+    assert "| + SFT on D_p, lr from the grid (not in the spec) | 0.0001 | 56.0 ± 1.4 | 50.0 / **56.0** | - |" in table
     assert "+0.50 / -2.00" in table  # chosen / rejected log-prob drift at the selected rate
     assert "| seed1 | 251 | 251 | 460 | 6.00 of 8 | 1.0% | 0.200 | 10.0% |" in table
 
 
 def test_mini_report_names_a_missing_file(tmp_path):
-    acc = {m: {"1e-05": [0.5, 0.5], "0.0001": [0.5, 0.5]} for m in ("dpo", "cdpo_paper", "cdpo_code")}
+    acc = {m: {"1e-05": [0.5, 0.5], "0.0001": [0.5, 0.5]} for m in ("sft_dp", "dpo", "cdpo_paper", "cdpo_code")}
     fake_mini_tree(tmp_path, acc, acc)
     (tmp_path / "seeds" / "seed1" / "lrs" / "lr0.0001" / "eval_test" / "eval.json").unlink()
     with pytest.raises(FileNotFoundError, match="eval_test"):

@@ -5,7 +5,7 @@
     <inputs>/seed<s>/samples/generate_summary.json        pairs, |D_p|, |D_n|, wrong samples per question
     <inputs>/seed<s>/pairs_scored/signal_meta.json        mean rejected weight
     <inputs>/seed<s>/eval_pos/eval.json                   the positive model (= SFT on D_p) on the test set
-    <inputs>/seed<s>/lrs/lr<lr>/eval_{dev,test}/eval.json preference methods at each grid learning rate
+    <inputs>/seed<s>/lrs/lr<lr>/eval_{dev,test}/eval.json SFT on D_p and the preference methods at each grid rate
     <inputs>/seed<s>/lrs/lr<lr>/<method>/train_summary.json  chosen/rejected log-prob logs of training
 
 and `options.base` (the base model's eval folder). Each method's learning rate is the grid value with the best mean
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 METHODS = {
+    "sft_dp": "+ SFT on D_p, lr from the grid (not in the spec)",
     "dpo": "+ DPO (none, sequence, β 1)",
     "cdpo_paper": "+ critical_dpo paper form (rejected, sequence, β 1)",
     "cdpo_code": "+ critical_dpo code form (rejected, position_mean, β 0.1)",
@@ -101,7 +102,7 @@ def critical_dpo_mini(inputs: str | Path, options: dict[str, Any]) -> tuple[dict
         "mean rejected weight | Δ chosen / rejected log-prob |",
         "|---|---|---|---|---|---|",
         f"| base | - | {100 * base:.1f} | - | - | - |",
-        f"| + SFT on D_p (positive model) | - | {_mean_sd(sft)} | - | - | - |",
+        f"| + SFT on D_p (the positive model, lr 1e-3) | - | {_mean_sd(sft)} | - | - | - |",
     ]
     for method, label in METHODS.items():
         r = results["methods"][method]
@@ -120,7 +121,7 @@ def critical_dpo_mini(inputs: str | Path, options: dict[str, Any]) -> tuple[dict
             if drift["chosen_logp_drift"] is not None
             else "-"
         )
-        w = "1 (all tokens)" if method == "dpo" else f"{weight:.3f}"
+        w = {"sft_dp": "-", "dpo": "1 (all tokens)"}.get(method, f"{weight:.3f}")
         lines.append(f"| {label} | {best} | {_mean_sd(grid[best]['test'])} | {at_lr} | {w} | {drifts} |")
     lines += [
         "",
