@@ -20,7 +20,7 @@ import torch
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
-from tokentrain.data import split_preference_row
+from tokentrain.data import check_pair_prompt, split_preference_row
 from tokentrain.signals.contrastive import score_contrastive
 
 ATOL = 1e-5
@@ -331,6 +331,35 @@ def test_equal_chosen_and_rejected_names_the_row(pc_rows, tiny_tokenizer, tiny_m
     rows[2] = {**rows[2], "rejected": rows[2]["chosen"]}
     with pytest.raises(ValueError, match="^row 2: chosen and rejected are the same text"):
         score_contrastive(rows, tiny_model_factory(0), tiny_model_factory(1), tiny_tokenizer)
+
+
+def _msg(role, content):
+    return {"role": role, "content": content}
+
+
+def test_pairs_with_different_prompts_name_the_row(tiny_tokenizer, tiny_model_factory):
+    """Implicit chat prompts whose user turns differ: TRL would take the common messages as the prompt and train on
+    each side's own question; here the row is refused."""
+    system = _msg("system", "Be brief.")
+    good = {
+        "chosen": [system, _msg("user", "Area?"), _msg("assistant", "riverside")],
+        "rejected": [system, _msg("user", "Area?"), _msg("assistant", "city centre")],
+    }
+    bad = {
+        "chosen": [system, _msg("user", "Area?"), _msg("assistant", "riverside")],
+        "rejected": [system, _msg("user", "Food?"), _msg("assistant", "Italian")],
+    }
+    with pytest.raises(ValueError, match=r"^row 1: chosen and rejected differ from message 1 on.*'user' message"):
+        score_contrastive([good, bad], tiny_model_factory(0), tiny_model_factory(1), tiny_tokenizer)
+
+
+def test_completion_repeating_the_prompt_names_the_row():
+    prompt = [_msg("user", "Area?")]
+    check_pair_prompt({"prompt": prompt, "chosen": [_msg("assistant", "a")], "rejected": [_msg("assistant", "b")]}, 0)
+    row = {"prompt": prompt, "chosen": [_msg("assistant", "a")], "rejected": [*prompt, _msg("assistant", "b")]}
+    with pytest.raises(ValueError, match="^row 7: rejected starts with a 'user' message"):
+        check_pair_prompt(row, 7)
+    check_pair_prompt({"prompt": "Q: 1+1\nA:", "chosen": " 2", "rejected": " 3"}, 0)  # text rows: nothing to check
 
 
 @pytest.mark.parametrize("kwargs", [{"ce_beta": -0.1}, {"chunk_size": 0}, {"batch_size": 0}])

@@ -581,3 +581,20 @@ def test_config_defaults_and_help(tmp_path):
     own = [f for f in dataclasses.fields(CriticalDPOConfig) if f.name not in inherited]
     assert [f.name for f in own] == ["reduction", "weighting", "rpo_alpha"]
     assert all(f.metadata["help"] for f in own)
+
+
+def test_chat_pairs_answering_different_prompts_are_refused(env):
+    def conv(question, answer):
+        return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+    data = Dataset.from_dict(
+        {
+            "chosen": [conv("Q: 5+5=", "10"), conv("Q: 8+1=", "9")],
+            "rejected": [conv("Q: 5+5=", "11"), conv("Q: 8+2=", "9")],  # row 1: another question
+            "chosen_ids": [[5, 6], [7]],
+            "rejected_ids": [[5, 8], [7]],
+            "rejected_weights": [[1.0, 1.0], [1.0]],
+        }
+    )
+    with pytest.raises(ValueError, match="^row 1: chosen and rejected differ from message 0 on"):
+        make_trainer(env, data, weighting="rejected")

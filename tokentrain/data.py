@@ -385,6 +385,40 @@ class SignalCollator(DataCollatorForLanguageModeling):
 # ------------------------------------------------------------------------------------------- preference split (DPO)
 
 
+def check_pair_prompt(example: dict[str, Any], row: int) -> None:
+    """Chat rows: chosen and rejected must answer one shared prompt, so each must start with the assistant's reply.
+
+    With an explicit `prompt`, a completion that starts with another role repeats or changes the prompt. Without one,
+    TRL takes the messages the two have in common as the prompt: when their user turns differ, that "prompt" stops
+    early and each completion carries its own question, which TRL would train on silently. Plain-text rows share an
+    explicit prompt by construction; an implicit text prompt (the common character prefix) cannot be checked.
+    """
+    chosen, rejected = example["chosen"], example["rejected"]
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return
+    n_prompt = len(example["prompt"]) if "prompt" in example else None
+    if n_prompt is None:
+        from trl.data_utils import extract_prompt
+
+        split = extract_prompt(example)
+        chosen, rejected, n_shared = split["chosen"], split["rejected"], len(split["prompt"])
+    for side, messages in (("chosen", chosen), ("rejected", rejected)):
+        if not messages:
+            raise ValueError(f"row {row}: {side} has no message after the prompt")
+        role = messages[0].get("role") if isinstance(messages[0], dict) else None
+        if role == "assistant":
+            continue
+        if n_prompt is None:
+            raise ValueError(
+                f"row {row}: chosen and rejected differ from message {n_shared} on, and {side}'s message {n_shared} is "
+                f"a {role!r} message, not the reply: the two answer different prompts (give one `prompt` column)"
+            )
+        raise ValueError(
+            f"row {row}: {side} starts with a {role!r} message: a completion must be the reply to `prompt` (the "
+            "prompt's messages repeated or changed in the completion would be trained on as if generated)"
+        )
+
+
 def split_preference_row(example: dict[str, Any], tokenizer) -> dict[str, list[int]]:
     """`prompt_ids`, `chosen_ids`, `rejected_ids` of a preference row exactly as TRL 1.16 `DPOTrainer` splits it.
 

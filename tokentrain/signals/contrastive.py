@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from trl.data_utils import is_conversational
 
-from ..data import split_preference_row
+from ..data import check_pair_prompt, split_preference_row
 from ..losses.critical_dpo import contrastive_scores
 
 logger = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def score_contrastive(
     for i, example in enumerate(tqdm(dataset, desc="Tokenising pairs", disable=not accelerator.is_main_process)):
         if example["chosen"] == example["rejected"]:
             raise ValueError(f"row {i}: chosen and rejected are the same text; a pair must differ to be scored")
+        check_pair_prompt(example, i)
         split = split_preference_row(example, tokenizer)
         n_prompt = len(split["prompt_ids"])
         n_full = n_prompt + max(len(split["chosen_ids"]), len(split["rejected_ids"]))

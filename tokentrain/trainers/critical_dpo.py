@@ -34,7 +34,7 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
-from ..data import check_alignment, require_columns
+from ..data import check_alignment, check_pair_prompt, require_columns
 from ..losses.critical_dpo import REDUCTIONS, token_weighted_dpo_loss
 
 logger = logging.getLogger(__name__)
@@ -269,6 +269,10 @@ class CriticalDPOTrainer(DPOTrainer):
         )
         hint = f"weighting={args.weighting!r} reads them from the {dataset_name} dataset; {stage} writes them"
         require_columns(dataset, ["chosen_ids", "rejected_ids", *used], hint=hint)
+        if len(dataset) and isinstance(dataset[0]["chosen"], list):  # chat rows: one shared prompt per pair
+            text_columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+            for i, example in enumerate(dataset.select_columns(text_columns)):
+                check_pair_prompt(example, i)
         # TRL's tokenisation writes prompt_ids/chosen_ids/rejected_ids: keep the stored ones aside, and each row's index
         stored = [c for c in ID_COLUMNS if c in dataset.column_names]  # prompt_ids is optional
         dataset = dataset.rename_columns({c: _stored(c) for c in stored})
