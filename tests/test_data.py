@@ -441,6 +441,19 @@ def test_load_rows_saved_folder_and_folder_of_files(pc_rows, tmp_path):
     assert load_rows(tmp_path / "shards").to_list() == pc_rows
 
 
+def test_load_rows_folder_of_split_files_reads_the_split(pc_rows, tmp_path):
+    """A local copy of a hub dataset (../shared/data/gsm8k: train/test files beside others) reads like the hub one."""
+    folder = tmp_path / "gsm8k"
+    folder.mkdir()
+    _write(folder / "train.jsonl.gz", pc_rows[:8], "jsonl")
+    _write(folder / "test.jsonl.gz", pc_rows[8:], "jsonl")
+    _write(folder / "example_model_solutions.jsonl.gz", pc_rows[:2], "jsonl")
+    assert load_rows(folder).to_list() == pc_rows[:8]  # split "train" by default
+    assert load_rows(folder, split="test").to_list() == pc_rows[8:]
+    with pytest.raises(FileNotFoundError, match="no file for split 'validation'"):
+        load_rows(folder, split="validation")
+
+
 def test_load_rows_missing_file_names_it(tmp_path):
     missing = tmp_path / "nope" / "rows.jsonl"
     with pytest.raises(FileNotFoundError, match=str(missing)):

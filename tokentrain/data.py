@@ -49,6 +49,11 @@ def load_rows(source: str | Path, split: str = "train", name: str | None = None)
         files = sorted(p for p in path.iterdir() if _file_format(p) is not None)
         if not files:
             raise FileNotFoundError(f"{path} holds no dataset: expected a saved dataset or jsonl/json/csv files")
+        named = [p for p in files if p.name.split(".")[0] == split]
+        if named:  # a folder of split files (train.jsonl.gz, test.jsonl.gz, ...): the one `split` names
+            files = named
+        elif len(files) > 1 and any(p.name.split(".")[0] in ("train", "test", "validation") for p in files):
+            raise FileNotFoundError(f"{path} has no file for split {split!r} (files: {[p.name for p in files]})")
         return load_dataset(_file_format(files[0]), data_files=[str(p) for p in files], split="train")
     if path.exists():
         fmt = _file_format(path)
