@@ -381,3 +381,18 @@ def test_arith_chain_deterministic_and_consistent():
 def test_arith_chain_grade(completion, verdict):
     assert arithmetic.grade(completion, "861") == verdict
     assert arithmetic.grade(completion, 861) == verdict
+
+
+@pytest.mark.parametrize(
+    ("gold", "expected"),
+    [("She has 3.\n#### 1,234", "1234"), ("Work...\nA: 18", "18"), ("18.00", "18"), ("-5", "-5"), ("$7.", "7")],
+)
+def test_gsm8k_gold_forms(gold, expected):
+    assert gsm8k.gold_answer(gold) == expected
+
+
+@pytest.mark.parametrize("gold", ["How many clips did Natalia sell in April?", "The answer is 5", "about 40 or 50"])
+def test_gsm8k_gold_that_is_not_an_answer_is_an_error(gold):
+    """A question column named as gold_column, or free text: refused, never a silently invented gold."""
+    with pytest.raises(ValueError, match="is not '#### N', a line 'A: N' or a number"):
+        gsm8k.gold_answer(gold)

@@ -186,5 +186,5 @@ def test_gsm8k_solutions_bad_inputs(tmp_path):
     with pytest.raises(KeyError, match=r"row 1 lacks field\(s\) \['6b_verification', '175b_finetuning.solution'\]"):
         samples_from_gsm8k_solutions(path)
     path.write_text(json.dumps({**row, "ground_truth": "no number"}) + "\n")
-    with pytest.raises(ValueError, match="row 0 \\(question_id 0\\): GSM8K gold answer has no number"):
+    with pytest.raises(ValueError, match="row 0 \\(question_id 0\\): GSM8K gold answer is not .#### N."):
         samples_from_gsm8k_solutions(path)

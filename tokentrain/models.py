@@ -177,6 +177,23 @@ def check_same_vocab(tokenizer, model, what: str, model_tokenizer=None) -> None:
 
 
 @torch.no_grad()
+def _stop_criteria(tokenizer, stop_strings, prompt_width: int):
+    """Per-sequence stop once the generated text contains a stop string. Only the last few generated tokens are
+    decoded each step (as many as the longest stop string has characters, + 2), so the cost does not grow with the
+    length. (transformers' `stop_strings` needs a tokenizer whose vocabulary can spell its probe prefix.)"""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    window = max(len(s) for s in stop_strings) + 2
+
+    class StopOnStrings(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            tail = input_ids[:, max(prompt_width, input_ids.shape[1] - window) :]
+            texts = tokenizer.batch_decode(tail, skip_special_tokens=True)
+            return torch.tensor([any(s in t for s in stop_strings) for t in texts], device=input_ids.device)
+
+    return StoppingCriteriaList([StopOnStrings()])
+
+
 def generate(
     model,
     tokenizer,
@@ -189,11 +206,14 @@ def generate(
     top_k: int = 0,
     desc: str = "Generating",
     progress: bool = True,
+    stop_strings: tuple[str, ...] = (),
 ) -> list[str]:
     """Completions of tokenised prompts (left-padded batches, longest first), decoded without special tokens.
 
-    Greedy by default; generation stops at EOS. Sampling uses exactly `temperature`, `top_p` and `top_k` (0 = off),
-    not the model's generation_config defaults. Returned in the order of `prompts`.
+    Greedy by default; generation stops at EOS, and a sequence also stops once it has produced one of `stop_strings`
+    (few-shot prompts: a base model goes on with the next "\n\nQuestion:" instead of EOS; the stop string is kept in
+    the text and cut by the caller). Sampling uses exactly `temperature`, `top_p` and `top_k`
+    (0 = off), not the model's generation_config defaults. Returned in the order of `prompts`.
     """
     from tqdm.auto import tqdm
 
@@ -222,6 +242,7 @@ def generate(
             max_new_tokens=max_new_tokens,
             pad_token_id=pad_id,
             eos_token_id=tokenizer.eos_token_id,
+            **({"stopping_criteria": _stop_criteria(tokenizer, stop_strings, width)} if stop_strings else {}),
             **sampling,
         )
         for b, i in enumerate(batch):

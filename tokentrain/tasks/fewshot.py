@@ -2,8 +2,9 @@ r"""Few-shot prompt blocks of the official "Critical Tokens Matter" code for sam
 
 Source: GitHub chenzhiling9954/Critical-Tokens-Matter, `src/configs/prompt.py` (`GSM8K_PROMPT`, `MATH_PROMPT`; commit
 228991e689529fed3139afc9b0374128d2029bc6). The official `src/utils/sampling.py` (`vllm_model_sampling`) samples from
-`few_shot_prompt + "Question: {q}\nAnswer: "` (MATH: `"Problem: {q}\nSolution: "`), whole input `.strip()`-ed, and
-stops at the strings of `src/configs/data_config.py`.
+`few_shot_prompt + "Question: {q}\nAnswer: "`, whole input `.strip()`-ed, and stops at the strings of
+`src/configs/data_config.py`; for MATH its pipeline writes the question as `"Problem:\n{q}\n\nSolution:\n"`.
+tokentrain's zero-shot prompts are "Question: {q}\nAnswer:" and "Problem: {q}\nSolution:" (spec section 4, [T]).
 
 - GSM8K: the 8 chain-of-thought exemplars of Wei et al. (2022); the questions and chains are word for word those of
   lm-evaluation-harness `lm_eval/tasks/gsm8k/gsm8k-cot.yaml` (task `gsm8k_cot`, which lays them out as "Q: ... A: ...").

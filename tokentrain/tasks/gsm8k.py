@@ -57,14 +57,17 @@ def extract_answer(text: str) -> str:
 
 
 def gold_answer(gold: str) -> str:
-    """Canonical gold number from a full GSM8K answer ('...#### 1,000') or a bare number ('1,000' -> '1000').
+    """Canonical gold number from a full GSM8K answer ('...#### 1,000'), a solution ending in a line 'A: 1,000'
+    (example_model_solutions), or a bare number ('1,000' -> '1000').
 
-    Raises ValueError when there is none: a gold answer that does not parse is a data error, never a silent miss.
+    Raises ValueError for anything else: a gold answer that does not parse (or a wrong `gold_column`, such as the
+    question) is a data error, never a silent miss. Predictions are read more leniently (`extract_answer`).
     """
-    answer = extract_answer(gold)
-    if not answer:
-        raise ValueError(f"GSM8K gold answer has no number: {gold[-200:]!r}")
-    return answer
+    text = str(gold).strip()
+    match = _RULES[0].search(text) or _RULES[2].search(text) or re.fullmatch(rf"({_NUMBER})\.?", text)
+    if not match:
+        raise ValueError(f"GSM8K gold answer is not '#### N', a line 'A: N' or a number: {text[-200:]!r}")
+    return extract_answer(text)
 
 
 def grade(completion: str, gold: str) -> Verdict:
