@@ -450,6 +450,8 @@ def test_load_rows_folder_of_split_files_reads_the_split(pc_rows, tmp_path):
     _write(folder / "example_model_solutions.jsonl.gz", pc_rows[:2], "jsonl")
     assert load_rows(folder).to_list() == pc_rows[:8]  # split "train" by default
     assert load_rows(folder, split="test").to_list() == pc_rows[8:]
+    assert load_rows(folder, split="train[:3]").to_list() == pc_rows[:3]  # slices as on the hub
+    assert load_rows(folder / "train.jsonl.gz", split="train[2:4]").to_list() == pc_rows[2:4]
     with pytest.raises(FileNotFoundError, match="no file for split 'validation'"):
         load_rows(folder, split="validation")
 

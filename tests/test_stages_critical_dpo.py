@@ -5,6 +5,7 @@ check, the base SFT's accuracy stop, grids and the mini report's learning-rate s
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -112,7 +113,7 @@ output_dir: {out}
 """
 
 
-def test_generate_killed_midway_resumes_without_duplicates(arith, tmp_path, monkeypatch, one_thread):
+def test_generate_killed_midway_resumes_without_duplicates(arith, tmp_path, monkeypatch, capsys, one_thread):
     def stage(name):
         text = GENERATE.format(data=arith, dataset=arith / "questions.jsonl", out=tmp_path / name)
         return write_stage(tmp_path / f"{name}.yaml", text)
@@ -132,8 +133,12 @@ def test_generate_killed_midway_resumes_without_duplicates(arith, tmp_path, monk
     with pytest.raises(RuntimeError, match="killed"):
         main(["generate", str(stage("resumed"))])
     partial = tmp_path / "resumed.tmp" / "chunks"
-    assert sorted(p.name for p in partial.iterdir()) == ["chunk-000000.jsonl", "chunk-000001.jsonl"]
+    assert sorted(p.name for p in partial.iterdir()) == ["chunk-000000.jsonl", "chunk-000001.jsonl", "settings.json"]
     assert not (tmp_path / "resumed").exists()  # nothing half-done looks finished
+
+    # resuming with other sampling settings would mix two runs: refused, naming what changed
+    assert main(["generate", str(stage("resumed")), "--temperature", "0.7"]) == 2
+    assert "'temperature': (1.0, 0.7)" in capsys.readouterr().err
 
     calls.clear()
     monkeypatch.setattr(cli, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
@@ -155,6 +160,27 @@ def test_generate_killed_midway_resumes_without_duplicates(arith, tmp_path, monk
     assert summary["unparsable_fraction"] == pytest.approx(unparsable)
     for name in ("pos_sft", "neg_sft", "pairs"):
         assert summary[f"{name}_rows"] == len(read_jsonl(resumed / f"{name}.jsonl"))
+
+
+def test_generate_overwrite_discards_partial_chunks(arith, tmp_path, monkeypatch, one_thread):
+    text = GENERATE.format(data=arith, dataset=arith / "questions.jsonl", out=tmp_path / "o")
+    path = write_stage(tmp_path / "g.yaml", text)
+    real, calls = cli.generate, []
+
+    def crash_on_second_chunk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate", crash_on_second_chunk)
+    with pytest.raises(RuntimeError):
+        main(["generate", str(path)])
+    calls.clear()
+    monkeypatch.setattr(cli, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    assert main(["generate", str(path), "--temperature", "0.7", "--overwrite"]) == 0
+    assert len(calls) == 3  # every chunk sampled again, with the new settings
+    assert json.loads((tmp_path / "o" / "generate_summary.json").read_text())["temperature"] == 0.7
 
 
 def test_generate_bad_gold_answer_names_the_question(arith, tmp_path, capsys):
@@ -296,10 +322,26 @@ def test_evaluate_refuses_rows_that_fed_training(tmp_path, question_ids, rows, e
         assert kept["answer"] == ["#### 3", "#### 7"]
 
 
-def test_evaluate_leak_check_applies_only_to_the_solutions_file(tmp_path):
-    samples = leak_setup(tmp_path, [0, 1, 2], samples_from=None)  # sampled questions of a train split: no overlap
+def test_evaluate_leak_check_matches_question_text(tmp_path):
+    samples = leak_setup(tmp_path, [0, 1, 2], samples_from=None)  # sampled train questions: ids say nothing
+    summary = json.loads((samples / "generate_summary.json").read_text())
+    summary["question_hashes"] = [cli._question_hash("Question:  q5\nAnswer:")]  # row 5's prompt, other spacing
+    (samples / "generate_summary.json").write_text(json.dumps(summary))
     text = EVALUATE.format(dataset=tmp_path / "test.jsonl", rows="all", samples=samples, out=tmp_path / "e")
-    assert len(cli._evaluation_rows(load_stage(write_stage(tmp_path / "e.yaml", text)))) == 8
+    stage = load_stage(write_stage(tmp_path / "e.yaml", text))  # no `question` column: prompts are compared
+    with pytest.raises(ConfigError, match="1 evaluation rows \\(first: row 5\\) are questions that fed training"):
+        cli._evaluation_rows(stage)
+    summary["question_hashes"] = [cli._question_hash("Question: q99\nAnswer:")]
+    (samples / "generate_summary.json").write_text(json.dumps(summary))
+    assert len(cli._evaluation_rows(stage)) == 8
+
+
+def test_evaluate_heldout_refuses_a_sliced_split(tmp_path):
+    samples = leak_setup(tmp_path, [0])
+    text = EVALUATE.format(dataset=tmp_path / "test.jsonl", rows="heldout", samples=samples, out=tmp_path / "e")
+    stage = load_stage(write_stage(tmp_path / "e.yaml", text + "dataset_split: train[1:]\n"))
+    with pytest.raises(ConfigError, match="sliced split"):
+        cli._evaluation_rows(stage)
 
 
 # ----------------------------------------------------------------------------------------------- accuracy stop
@@ -439,3 +481,105 @@ def test_mini_report_names_a_missing_file(tmp_path):
     (tmp_path / "seeds" / "seed1" / "lrs" / "lr0.0001" / "eval_test" / "eval.json").unlink()
     with pytest.raises(FileNotFoundError, match="eval_test"):
         critical_dpo_mini(tmp_path / "seeds", {"base": str(tmp_path / "eval_base")})
+
+
+def test_generation_stops_once_a_stop_string_is_produced(arith, one_thread):
+    from tokentrain.models import generate, load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(str(arith / "init"))
+    model = load_model(str(arith / "init"), trainable=False)
+    prompts = [tokenizer(q["prompt"])["input_ids"] for q in read_jsonl(arith / "questions.jsonl")]
+    torch.manual_seed(0)
+    free = generate(model, tokenizer, prompts, 24, do_sample=True, progress=False)
+    torch.manual_seed(0)
+    stopped = generate(model, tokenizer, prompts, 24, do_sample=True, progress=False, stop_strings=("1",))
+    assert any("1" in t[:-1] for t in free)  # without the stop string, text goes on after a "1"
+    for a, b in zip(free, stopped):
+        assert "1" not in b[:-1]  # each sequence ends at its first "1" (one character per token here)
+        assert a.startswith(b)  # and is otherwise the same sample
+
+
+def test_evaluate_checks_every_gold_before_loading_a_model(tmp_path, capsys):
+    rows = [{"prompt": f"Q:{i}+1\n", "gold": str(i + 1)} for i in range(4)]
+    rows[2]["gold"] = "three"
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = (
+        f"stage: evaluate\ntask: arithmetic\ngold_column: gold\ndataset: {tmp_path / 't.jsonl'}\n"
+        f"models:\n  m: {tmp_path / 'no_such_model'}\noutput_dir: {tmp_path / 'e'}\n"
+    )
+    assert main(["evaluate", str(write_stage(tmp_path / "e.yaml", text))]) == 2
+    assert "evaluation row 2: arith_chain gold answer is not an integer: 'three'" in capsys.readouterr().err
+
+
+def test_single_stage_command_reads_the_recipes_variables(arith, tmp_path, capsys, one_thread):
+    recipe = tmp_path / "recipe"
+    write_stage(recipe / "variables.yaml", f"model: {arith / 'init'}\n")
+    text = GENERATE.format(data=arith, dataset=arith / "questions.jsonl", out="samples")
+    stage = write_stage(recipe / "01_generate.yaml", text.replace(f"model: {arith}/init", 'model: "{model}"'))
+    assert main(["generate", str(stage), "--run_dir", str(tmp_path / "run"), "--num_samples", "1"]) == 0
+    summary = json.loads((tmp_path / "run" / "samples" / "generate_summary.json").read_text())
+    assert summary["model"] == str(arith / "init")
+    missing = tmp_path / "no_such_model"
+    argv = ["generate", str(stage), "--run_dir", str(tmp_path / "run2"), "--model", str(missing)]
+    with pytest.raises(OSError, match="no_such_model"):  # --model set the variable: the stage read it
+        main(argv)
+
+
+def test_generate_summary_counts(tmp_path):
+    def row(qid, answers, correct):
+        return {
+            "question_id": qid,
+            "question": f"q{qid}",
+            "gold": "5",
+            "prompt": f"Q{qid}:",
+            "completions": [f"c{a}" for a in answers],
+            "answers": answers,
+            "correct": correct,
+        }
+
+    samples = [
+        row(0, ["5", "3", "3", "4"], [True, False, False, False]),  # 2 distinct wrong answers
+        row(1, ["5", "5"], [True, True]),  # none
+        row(2, ["", "7"], [False, False]),  # 1 (the unparsable one is not an answer)
+    ]
+    cfg = types.SimpleNamespace(
+        completion_prefix=" ", samples_from="", samples_split="train", model="m", temperature=1.0
+    )
+    cli._write_samples(tmp_path, samples, cfg, "01_generate")
+    summary = json.loads((tmp_path / "generate_summary.json").read_text())
+    assert summary["mean_wrong_per_question"] == pytest.approx(5 / 3)
+    assert summary["distinct_wrong_answers_per_erring_question"] == pytest.approx(1.5)
+    assert summary["unparsable_fraction"] == pytest.approx(1 / 8)
+    assert (summary["pos_sft_rows"], summary["pairs_rows"]) == (2, 1)
+
+
+@pytest.mark.slow
+def test_evaluate_on_two_processes_equals_one(arith, tmp_path):
+    """`launch.sh`-style evaluation: each of 2 gloo processes decodes half of the rows; the main process writes the
+    same outputs as a single process (batch 1, so no padding differs between the two)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+
+    def stage(out):
+        text = (
+            f"stage: evaluate\ntask: arithmetic\ngold_column: gold\ndataset: {arith / 'questions.jsonl'}\n"
+            f"models:\n  init: {arith / 'init'}\nmax_new_tokens: 12\nbatch_size: 1\nheldout_nll: true\n"
+            f"output_dir: {tmp_path / out}\n"
+        )
+        return write_stage(tmp_path / f"{out}.yaml", text)
+
+    assert main(["evaluate", str(stage("one"))]) == 0
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    command += [str(root / "accelerate_configs" / "cpu.yaml"), "-m", "tokentrain.cli", "evaluate", str(stage("two"))]
+    proc = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert read_jsonl(tmp_path / "two" / "outputs_init.jsonl") == read_jsonl(tmp_path / "one" / "outputs_init.jsonl")
+    one, two = (json.loads((tmp_path / d / "eval.json").read_text())["init"] for d in ("one", "two"))
+    assert one["heldout_nll"] == pytest.approx(two["heldout_nll"], rel=1e-6)
+    assert {k: one[k] for k in ("correct", "wrong", "unparsable")} == {
+        k: two[k] for k in ("correct", "wrong", "unparsable")
+    }

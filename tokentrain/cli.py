@@ -237,6 +237,9 @@ def run_generate(stage: Stage, overwrite: bool = False) -> None:
             raise ConfigError(f"{stage.path.name}: generate needs {key} (or samples_from)")
     if cfg.num_samples < 1 or cfg.chunk_questions < 1 or cfg.batch_size < 1:
         raise ConfigError(f"{stage.path.name}: num_samples, chunk_questions and batch_size must be >= 1")
+    if cfg.temperature <= 0:
+        raise ConfigError(f"{stage.path.name}: temperature must be > 0 for sampling, got {cfg.temperature}")
+    _check_fewshot(stage)
     questions = _questions(cfg, TASKS[cfg.task])
     n_chunks = -(-len(questions) // cfg.chunk_questions)
     state = distributed_state()
@@ -244,6 +247,7 @@ def run_generate(stage: Stage, overwrite: bool = False) -> None:
         chunk_dir = tmp / "chunks"
         if state.is_main_process:
             chunk_dir.mkdir(exist_ok=True)
+            _check_chunk_settings(chunk_dir, _sampling_settings(cfg, questions), stage.name)
         state.wait_for_everyone()
         todo = [c for c in range(n_chunks) if not (chunk_dir / f"chunk-{c:06d}.jsonl").exists()]
         if len(todo) < n_chunks:
@@ -254,11 +258,36 @@ def run_generate(stage: Stage, overwrite: bool = False) -> None:
         state.wait_for_everyone()
         if state.is_main_process:
             samples = []
+            (chunk_dir / "settings.json").unlink()
             for c in range(n_chunks):
                 with open(chunk_dir / f"chunk-{c:06d}.jsonl") as f:
                     samples += [json.loads(line) for line in f]
             _write_samples(tmp, samples, cfg, stage.name)
             shutil.rmtree(chunk_dir)
+
+
+def _sampling_settings(cfg, questions: list[dict]) -> dict:
+    """What decides the samples of a chunk: a resumed run must have the same, or its chunks would mix two runs."""
+    import hashlib
+
+    ids = hashlib.sha256(json.dumps([[q["question_id"], q["prompt"]] for q in questions]).encode()).hexdigest()
+    keys = ("model", "dataset", "dataset_split", "fewshot", "num_samples", "temperature", "top_p", "top_k")
+    keys += ("max_new_tokens", "chunk_questions", "seed")
+    return {**{k: getattr(cfg, k) for k in keys}, "questions_sha256": ids}
+
+
+def _check_chunk_settings(chunk_dir: Path, settings: dict, name: str) -> None:
+    path = chunk_dir / "settings.json"
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if changed:
+            raise ConfigError(
+                f"{name}: {chunk_dir} holds chunks sampled with other settings ({changed}, as (then, now)); resuming "
+                "would mix two runs: pass --overwrite to start again, or restore the settings"
+            )
+    else:
+        path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _questions(cfg, task) -> list[dict]:
@@ -289,10 +318,11 @@ def _sample_chunks(cfg, questions: list[dict], chunks: list[int], chunk_dir: Pat
     import torch
     from tqdm.auto import tqdm
 
-    from .tasks.fewshot import cut_at_stop, fewshot_prompt
+    from .tasks.fewshot import STOP_STRINGS, cut_at_stop, fewshot_prompt
     from .tasks.grading import TASKS
 
     task = TASKS[cfg.task]
+    stops = STOP_STRINGS if cfg.task in ("gsm8k", "math") else ()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype, merge_adapter=True, trainable=False).to(state.device)
     per_chunk = cfg.chunk_questions * cfg.num_samples
@@ -323,6 +353,7 @@ def _sample_chunks(cfg, questions: list[dict], chunks: list[int], chunk_dir: Pat
             top_p=cfg.top_p,
             top_k=cfg.top_k,
             progress=False,
+            stop_strings=stops,
         )
         part = chunk_dir / f"chunk-{c:06d}.jsonl.part"
         with open(part, "w") as f:
@@ -344,6 +375,10 @@ def _samples_from(stage: Stage, overwrite: bool) -> None:
         )
     if cfg.task != "gsm8k":
         raise ConfigError(f"{stage.path.name}: samples_from gsm8k_solutions needs task gsm8k, got {cfg.task!r}")
+    if cfg.samples_split not in ("train", "heldout", "all"):
+        raise ConfigError(
+            f"{stage.path.name}: samples_split must be 'train', 'heldout' or 'all', got {cfg.samples_split!r}"
+        )
     samples = samples_from_gsm8k_solutions(cfg.samples_path, cfg.samples_split)
     with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
         if distributed_state().is_main_process:
@@ -361,6 +396,7 @@ def _write_samples(tmp: Path, samples: list[dict], cfg, name: str) -> None:
                 f.write(json.dumps(row) + "\n")
     n = max(len(samples), 1)
     total = sum(len(r["completions"]) for r in samples)
+    distinct = [len({a for a, ok in zip(r["answers"], r["correct"]) if a and not ok}) for r in samples]
     summary = {
         "stage": name,
         "samples_from": cfg.samples_from or None,
@@ -372,19 +408,23 @@ def _write_samples(tmp: Path, samples: list[dict], cfg, name: str) -> None:
         "mean_wrong_per_question": sum(r["correct"].count(False) for r in samples) / n,
         "mean_correct_per_question": sum(r["correct"].count(True) for r in samples) / n,
         "unparsable_fraction": sum(a == "" for r in samples for a in r["answers"]) / max(total, 1),
+        # the official code's count: distinct wrong (non-empty) answers, over the questions that have any
+        "distinct_wrong_answers_per_erring_question": sum(distinct) / max(sum(d > 0 for d in distinct), 1),
         "question_ids": [r["question_id"] for r in samples],
+        "question_hashes": sorted({_question_hash(r["question"]) for r in samples}),
         **{f"{k}_rows": len(v) for k, v in sets.items()},
     }
     (tmp / "generate_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     logger.info(
-        "%s: %d questions, %d samples; per question %.2f correct, %.2f wrong (%.1f%% of samples unparsable); "
-        "%d pos_sft, %d neg_sft rows, %d pairs",
+        "%s: %d questions, %d samples; per question %.2f correct, %.2f wrong (%.1f%% of samples unparsable; %.2f "
+        "distinct wrong answers per question that has one); %d pos_sft, %d neg_sft rows, %d pairs",
         name,
         len(samples),
         total,
         summary["mean_correct_per_question"],
         summary["mean_wrong_per_question"],
         100 * summary["unparsable_fraction"],
+        summary["distinct_wrong_answers_per_erring_question"],
         len(sets["pos_sft"]),
         len(sets["neg_sft"]),
         len(sets["pairs"]),
@@ -567,61 +607,64 @@ def _has_tokenizer(path: str) -> bool:
 
 
 def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
-    """Greedy decoding + held-out NLL of each model on the task's test rows; writes eval.json and prints a table."""
+    """Greedy decoding (+ held-out NLL) of each model on the task's rows; writes eval.json and prints a table. With
+    several processes, every process decodes its share of the rows and the main process writes the results."""
 
     from .signals.ref_logps import score_ref_logps
     from .tasks import e2e
+    from .tasks.fewshot import STOP_STRINGS, cut_at_stop, fewshot_prompt
     from .tasks.grading import GRADERS, accuracy
 
     cfg = stage.config
     if cfg.task != "e2e" and cfg.task not in GRADERS:
         raise ConfigError(f"{stage.path.name}: task must be 'e2e' or one of {sorted(GRADERS)}, got {cfg.task!r}")
+    _check_fewshot(stage)
     rows = _evaluation_rows(stage)
+    golds = _evaluation_golds(stage, rows) if cfg.task in GRADERS else None  # every gold parses, before any model
+    state = distributed_state()
     results = {}
     with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
-        if distributed_state().is_main_process:
-            from .tasks.fewshot import cut_at_stop, fewshot_prompt
-
-            for name, path in cfg.models.items():
-                tokenizer = load_tokenizer(path)
-                model = load_model(path, dtype=cfg.dtype, merge_adapter=True, trainable=False)
-                model.to(distributed_state().device)  # the main process's GPU when there is one
-                nll = None
-                if cfg.heldout_nll:
-                    _, logps = score_ref_logps(rows, model, tokenizer, batch_size=cfg.batch_size)
-                    nll = -sum(map(sum, logps)) / max(sum(map(len, logps)), 1)
-                if cfg.task in GRADERS:
-                    prompts = [
-                        prompt_ids({"prompt": fewshot_prompt(cfg.fewshot, r["prompt"])}, tokenizer) for r in rows
-                    ]
-                    texts = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=name)
-                    texts = [cut_at_stop(t) for t in texts]
-                    verdicts = [GRADERS[cfg.task](t, str(r[cfg.gold_column])) for t, r in zip(texts, rows)]
-                    results[name] = {**accuracy(verdicts), "heldout_nll": nll}
-                    logger.info("%s: %s accuracy %.4f", name, cfg.task, results[name]["accuracy"])
+        for name, path in cfg.models.items():
+            tokenizer = load_tokenizer(path)
+            model = load_model(path, dtype=cfg.dtype, merge_adapter=True, trainable=False).to(state.device)
+            nll = None
+            if cfg.heldout_nll:
+                _, logps = score_ref_logps(rows, model, tokenizer, batch_size=cfg.batch_size)  # sharded, gathered
+                nll = -sum(map(sum, logps)) / max(sum(map(len, logps)), 1)
+            if cfg.task in GRADERS:
+                prompts = [prompt_ids({"prompt": fewshot_prompt(cfg.fewshot, r["prompt"])}, tokenizer) for r in rows]
+                stops = STOP_STRINGS if cfg.task in ("gsm8k", "math") else ()
+                texts = _generate_sharded(model, tokenizer, prompts, cfg, desc=name, stop_strings=stops)
+                texts = [cut_at_stop(t) for t in texts]
+                verdicts = [GRADERS[cfg.task](t, gold) for t, gold in zip(texts, golds)]
+                results[name] = {**accuracy(verdicts), "heldout_nll": nll}
+                logger.info("%s: %s accuracy %.4f", name, cfg.task, results[name]["accuracy"])
+                if state.is_main_process:
                     with open(tmp / f"outputs_{Path(str(name)).name}.jsonl", "w") as f:
                         for text, verdict, r in zip(texts, verdicts, rows):
                             f.write(json.dumps({"prompt": r["prompt"], "output": text, "verdict": verdict}) + "\n")
-                    continue
-                # slot accuracy is over the distinct MRs: decode each once (greedy gives one output per prompt)
-                unique = list({r["mr"]: r for r in rows}.values())
-                prompts = [prompt_ids(r, tokenizer) for r in unique]
-                texts = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.batch_size, desc=f"Decoding {name}")
-                realised, total = e2e.slot_accuracy([r["mr"] for r in unique], texts)
-                summary = read_summary(path)
-                results[name] = {
-                    "slot_acc": realised / total,
-                    "realised": realised,
-                    "slots": total,
-                    "heldout_nll": nll,
-                    "train_seconds": summary.get("train_seconds"),
-                }
-                logger.info(
-                    "%s: slot accuracy %.4f (%d/%d), held-out NLL %.4f", name, realised / total, realised, total, nll
-                )
+                continue
+            # slot accuracy is over the distinct MRs: decode each once (greedy gives one output per prompt)
+            unique = list({r["mr"]: r for r in rows}.values())
+            prompts = [prompt_ids(r, tokenizer) for r in unique]
+            texts = _generate_sharded(model, tokenizer, prompts, cfg, desc=f"Decoding {name}")
+            realised, total = e2e.slot_accuracy([r["mr"] for r in unique], texts)
+            summary = read_summary(path)
+            results[name] = {
+                "slot_acc": realised / total,
+                "realised": realised,
+                "slots": total,
+                "heldout_nll": nll,
+                "train_seconds": summary.get("train_seconds"),
+            }
+            logger.info(
+                "%s: slot accuracy %.4f (%d/%d), held-out NLL %.4f", name, realised / total, realised, total, nll
+            )
+            if state.is_main_process:
                 with open(tmp / f"outputs_{Path(str(name)).name}.jsonl", "w") as f:
                     for mr, text in zip([r["mr"] for r in unique], texts):
                         f.write(json.dumps({"mr": mr, "output": text}) + "\n")
+        if state.is_main_process:
             if cfg.prior_signals:
                 results["prior_diagnostic"] = _prior_diagnostic(cfg.prior_signals)
                 print(
@@ -633,14 +676,79 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
     return results
 
 
+def _generate_sharded(model, tokenizer, prompts, cfg, desc: str, stop_strings=()) -> list[str]:
+    """Greedy completions of `prompts`, rows strided over the processes, gathered back in order on every process."""
+    state = distributed_state()
+    mine = list(range(state.process_index, len(prompts), state.num_processes))
+    texts = generate(
+        model,
+        tokenizer,
+        [prompts[i] for i in mine],
+        cfg.max_new_tokens,
+        cfg.batch_size,
+        desc=desc,
+        progress=state.is_main_process,
+        stop_strings=stop_strings,
+    )
+    if state.num_processes == 1:
+        return texts
+    from accelerate.utils import gather_object
+
+    done = dict(gather_object(list(zip(mine, texts))))
+    return [done[i] for i in range(len(prompts))]
+
+
+def _evaluation_golds(stage: Stage, rows) -> list[str]:
+    """The canonical gold answer of every evaluation row; a missing column or an unparsable gold names the row."""
+    from .tasks.grading import TASKS
+
+    cfg = stage.config
+    missing = [c for c in ("prompt", cfg.gold_column) if c not in rows.column_names]
+    if missing:
+        raise KeyError(
+            f"{stage.path.name}: evaluation rows need column(s) {missing} (have {rows.column_names}); build `prompt` "
+            "with prompt_template, name the gold column with gold_column"
+        )
+    golds = []
+    for i, gold in enumerate(rows[cfg.gold_column]):
+        try:
+            golds.append(TASKS[cfg.task].gold_answer(str(gold)))
+        except ValueError as e:
+            raise ValueError(f"{cfg.dataset}: evaluation row {i}: {e}") from None
+    return golds
+
+
+def _check_fewshot(stage: Stage) -> None:
+    from .tasks.fewshot import FEWSHOT
+
+    if stage.config.fewshot not in (*FEWSHOT, "none"):
+        raise ConfigError(
+            f"{stage.path.name}: fewshot must be one of {[*FEWSHOT, 'none']}, got {stage.config.fewshot!r}"
+        )
+
+
+def _question_hash(text) -> str:
+    """A question's identity across files: sha1 of its whitespace-normalised text (chat prompts: their JSON)."""
+    import hashlib
+
+    text = text if isinstance(text, str) else json.dumps(text, sort_keys=True)
+    return hashlib.sha1(" ".join(text.split()).encode()).hexdigest()
+
+
 def _evaluation_rows(stage: Stage):
-    """The evaluation rows; `rows: heldout` keeps GSM8K test rows with index % 4 == 3. With `train_samples` naming a
-    `samples_from: gsm8k_solutions` generate output, evaluating on a GSM8K test row that fed training is an error."""
+    """The evaluation rows; `rows: heldout` keeps GSM8K test rows with index % 4 == 3. With `train_samples` naming the
+    generate output the models trained on, an evaluation row whose question fed training is an error: matched by
+    question text, and for `samples_from: gsm8k_solutions` (whose rows are GSM8K test rows) also by index."""
     from .tasks.selection import is_heldout
 
     cfg = stage.config
     if cfg.rows not in ("all", "heldout"):
         raise ConfigError(f"{stage.path.name}: rows must be 'all' or 'heldout', got {cfg.rows!r}")
+    if cfg.rows == "heldout" and "[" in cfg.dataset_split:
+        raise ConfigError(
+            f"{stage.path.name}: rows: heldout selects GSM8K test rows by index; a sliced split "
+            f"({cfg.dataset_split!r}) would shift the indices"
+        )
     rows = _load_rows(cfg)
     indices = list(range(len(rows)))
     if cfg.rows == "heldout":
@@ -652,15 +760,24 @@ def _evaluation_rows(stage: Stage):
                 f"{stage.path.name}: train_samples {cfg.train_samples} has no generate_summary.json"
             )
         summary = json.loads(summary_path.read_text())
+        leaked = []
+        if summary.get("question_hashes") is not None:
+            if cfg.question_column not in rows.column_names and "prompt" not in rows.column_names:
+                raise KeyError(f"{stage.path.name}: rows have neither {cfg.question_column!r} nor 'prompt' to match")
+            column = cfg.question_column if cfg.question_column in rows.column_names else "prompt"
+            trained = set(summary["question_hashes"])
+            texts = rows[column]
+            leaked = [i for i in indices if _question_hash(texts[i]) in trained]
         if summary.get("samples_from") == "gsm8k_solutions":
-            trained = set(summary["question_ids"])
-            leaked = [i for i in indices if i in trained]
-            if leaked:
-                raise ConfigError(
-                    f"{stage.path.name}: {len(leaked)} evaluation rows (first: row {leaked[0]}) are GSM8K test rows "
-                    f"whose solutions fed training through samples_from gsm8k_solutions ({cfg.train_samples}); "
-                    "evaluate on `rows: heldout` (index % 4 == 3)"
-                )
+            trained_ids = set(summary["question_ids"])
+            leaked = sorted(set(leaked) | {i for i in indices if i in trained_ids})
+        if leaked:
+            raise ConfigError(
+                f"{stage.path.name}: {len(leaked)} evaluation rows (first: row {leaked[0]}) are questions that fed "
+                f"training ({cfg.train_samples})"
+                + ("; evaluate on `rows: heldout` (index % 4 == 3)" if summary.get("samples_from") else "")
+            )
+        logger.info("%s: none of the %d evaluation rows fed training (%s)", stage.name, len(indices), cfg.train_samples)
     return rows.select(indices) if len(indices) < len(rows) else rows
 
 
@@ -987,7 +1104,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command in STAGES:
             variables = {"run_dir": args.run_dir, "data_dir": args.data_dir or default_data_dir()}
             if config:
-                stage = load_stage(config, {**overrides, "stage": args.command}, variables)
+                # the stage's recipe variables (variables.yaml beside it), e.g. {model}; --model sets the variable
+                own = recipe_variables(Path(config).parent, overrides)
+                variables = {"top_dir": args.run_dir, **own, **variables}
+                import yaml
+
+                written = set(yaml.safe_load(Path(config).read_text()) or {})
+                keep = {k: v for k, v in overrides.items() if k not in own or k in written}
+                stage = load_stage(config, {**keep, "stage": args.command}, variables)
             else:
                 stage = _stage_from_overrides(args.command, overrides, variables)
             run_stage(stage, args.overwrite)
@@ -995,7 +1119,7 @@ def main(argv: list[str] | None = None) -> int:
             _inspect(args, overrides)
         elif args.command == "quickstart":
             quickstart(args.stem, args.run_dir, args.overwrite)
-    except (ConfigError, FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
+    except (ConfigError, ConnectionError, FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
         logger.error("%s: %s", type(e).__name__, e)
         return 2
     return 0

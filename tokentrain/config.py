@@ -173,6 +173,9 @@ class EvaluateStage(RowsStage):
         metadata={"help": "A generate output the models trained on: refuses evaluation rows that fed training."},
     )
     rows: str = field(default="all", metadata={"help": "all, or heldout (GSM8K test rows with index % 4 == 3)."})
+    question_column: str = field(
+        default="question", metadata={"help": "Column matched against train_samples' questions (else `prompt`)."}
+    )
     heldout_nll: bool = field(default=True, metadata={"help": "Also report the models' NLL of the gold completions."})
     dtype: str = field(default="auto", metadata={"help": "Model weights dtype: auto, float32 or bfloat16."})
 

@@ -43,23 +43,26 @@ class SignalAlignmentError(ValueError):
 def load_rows(source: str | Path, split: str = "train", name: str | None = None) -> Dataset:
     """Rows from a local jsonl/json/csv file (gzip ok), a folder written by a tokentrain stage, or a hub dataset."""
     path = Path(str(source))
+    # "train[:64]": the split's name, and a slice that local files honour as hub datasets do
+    name_part, _, rest = split.partition("[")
+    part = "train" + ("[" + rest if rest else "")
     if path.is_dir():
         if (path / "dataset_info.json").exists() or (path / "state.json").exists():
             return load_from_disk(str(path))
         files = sorted(p for p in path.iterdir() if _file_format(p) is not None)
         if not files:
             raise FileNotFoundError(f"{path} holds no dataset: expected a saved dataset or jsonl/json/csv files")
-        named = [p for p in files if p.name.split(".")[0] == split]
+        named = [p for p in files if p.name.split(".")[0] == name_part]
         if named:  # a folder of split files (train.jsonl.gz, test.jsonl.gz, ...): the one `split` names
             files = named
         elif len(files) > 1 and any(p.name.split(".")[0] in ("train", "test", "validation") for p in files):
-            raise FileNotFoundError(f"{path} has no file for split {split!r} (files: {[p.name for p in files]})")
-        return load_dataset(_file_format(files[0]), data_files=[str(p) for p in files], split="train")
+            raise FileNotFoundError(f"{path} has no file for split {name_part!r} (files: {[p.name for p in files]})")
+        return load_dataset(_file_format(files[0]), data_files=[str(p) for p in files], split=part)
     if path.exists():
         fmt = _file_format(path)
         if fmt is None:
             raise ValueError(f"{path}: unknown file type; use .jsonl, .json or .csv (optionally .gz)")
-        return load_dataset(fmt, data_files=str(path), split="train")
+        return load_dataset(fmt, data_files=str(path), split=part)
     if str(source).startswith((".", "/")) or str(source).endswith((".jsonl", ".json", ".csv", ".gz")):
         raise FileNotFoundError(f"dataset file not found: {source}")
     return load_dataset(str(source), name, split=split)  # hub dataset name
@@ -121,9 +124,9 @@ def atomic_output(out_dir: str | Path, overwrite: bool = False, keep_partial: bo
     """Write a stage's output to `<out>.tmp/`, then rename it to `<out>/` with a completion marker.
 
     A run killed inside the block leaves only `<out>.tmp/`: nothing half-written is ever read as a finished output.
-    The next attempt deletes it, or, with `keep_partial` (training stages), keeps it so that training resumes from
-    its last checkpoint. A finished output is refused unless `overwrite`. With several processes, the main process
-    owns the folder and the others wait for it at the start and the end.
+    The next attempt deletes it, or, with `keep_partial` (training and generate stages), keeps it so that the work
+    resumes where it stopped. A finished output is refused unless `overwrite`, which also discards partial work. With
+    several processes, the main process owns the folder and the others wait for it at the start and the end.
     """
     state = distributed_state()
     out_dir = Path(out_dir)
@@ -131,7 +134,7 @@ def atomic_output(out_dir: str | Path, overwrite: bool = False, keep_partial: bo
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} already holds a finished output; pass --overwrite to replace it")
     if state.is_main_process:
-        if tmp.exists() and not keep_partial:
+        if tmp.exists() and (overwrite or not keep_partial):  # --overwrite starts from scratch, partial work too
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()
