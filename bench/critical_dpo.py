@@ -38,7 +38,15 @@ from datasets import Dataset
 from transformers import PrinterCallback
 from transformers.utils import logging as hf_logging
 
-from bench.weighted_ntp import emit, interleaved_steps, make_corpus, note, report_times, time_loss_overhead
+from bench.weighted_ntp import (
+    common_args,
+    emit,
+    interleaved_steps,
+    make_corpus,
+    note,
+    report_times,
+    time_loss_overhead,
+)
 from tokentrain.data import split_preference_row
 from tokentrain.models import tiny_llama, train_tokenizer
 
@@ -147,19 +155,7 @@ def build_trainers(out_dir: str) -> dict:
     tokenizer = train_tokenizer(make_corpus(400, 400, seed=1) + texts, vocab_size=VOCAB)
     rows = add_signals(pairs, tokenizer)
     note(f"tokenizer: vocab {len(tokenizer)} trained in {time.perf_counter() - t0:.1f}s")
-    common = dict(
-        per_device_train_batch_size=PAIRS,
-        max_length=SEQ,
-        learning_rate=1e-4,
-        lr_scheduler_type="constant",
-        logging_steps=10**6,
-        save_strategy="no",
-        report_to="none",
-        bf16=False,
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
+    common = common_args(PAIRS, SEQ)
     plain = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     full = Dataset.from_list(rows)
     policy = tiny_llama(tokenizer, seed=0, **MODEL)

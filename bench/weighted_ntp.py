@@ -254,18 +254,12 @@ class PeakWindow:
         self.peak = peak
 
 
-def build_trainers(out_dir: str) -> dict:
-    from trl import SFTConfig, SFTTrainer
-
-    from tokentrain.trainers.weighted_ntp import WeightedNTPConfig, WeightedNTPTrainer
-
-    t0 = time.perf_counter()
-    tokenizer = train_tokenizer(make_corpus(400, 400, seed=1), vocab_size=VOCAB)
-    rows = make_rows(tokenizer, make_corpus(N_ROWS, 120, seed=2))
-    note(f"tokenizer: vocab {len(tokenizer)} trained in {time.perf_counter() - t0:.1f}s")
-    common = dict(
-        per_device_train_batch_size=BATCH,
-        max_length=SEQ,
+def common_args(batch: int, seq: int) -> dict:
+    """Trainer-config keys every benchmarked trainer shares: same batch, length, constant LR, seed; no logging,
+    saving, progress bar or bf16 (CPU)."""
+    return dict(
+        per_device_train_batch_size=batch,
+        max_length=seq,
         learning_rate=1e-4,
         lr_scheduler_type="constant",
         logging_steps=10**6,
@@ -276,6 +270,18 @@ def build_trainers(out_dir: str) -> dict:
         seed=0,
         dataloader_num_workers=0,
     )
+
+
+def build_trainers(out_dir: str) -> dict:
+    from trl import SFTConfig, SFTTrainer
+
+    from tokentrain.trainers.weighted_ntp import WeightedNTPConfig, WeightedNTPTrainer
+
+    t0 = time.perf_counter()
+    tokenizer = train_tokenizer(make_corpus(400, 400, seed=1), vocab_size=VOCAB)
+    rows = make_rows(tokenizer, make_corpus(N_ROWS, 120, seed=2))
+    note(f"tokenizer: vocab {len(tokenizer)} trained in {time.perf_counter() - t0:.1f}s")
+    common = common_args(BATCH, SEQ)
     plain = Dataset.from_list([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows])
     full = Dataset.from_list(rows)
     trainers = {}

@@ -113,6 +113,21 @@ output_dir: {out}
 """
 
 
+def counting_generate(monkeypatch, crash_on: int | None = None) -> list:
+    """Replace the CLI's `generate` with one that counts its calls (one per chunk) and, with `crash_on`, raises
+    RuntimeError("killed") on that call: a run killed mid-way. Returns the list of calls."""
+    real, calls = cli.generate, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_on:
+            raise RuntimeError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "generate", counted)
+    return calls
+
+
 def test_generate_killed_midway_resumes_without_duplicates(arith, tmp_path, monkeypatch, capsys, one_thread):
     def stage(name):
         text = GENERATE.format(data=arith, dataset=arith / "questions.jsonl", out=tmp_path / name)
@@ -121,15 +136,7 @@ def test_generate_killed_midway_resumes_without_duplicates(arith, tmp_path, monk
     assert main(["generate", str(stage("whole"))]) == 0  # uninterrupted: 8 questions in 3 chunks
     whole = tmp_path / "whole"
 
-    real, calls = cli.generate, []
-
-    def crash_on_third_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cli, "generate", crash_on_third_chunk)
+    counting_generate(monkeypatch, crash_on=3)
     with pytest.raises(RuntimeError, match="killed"):
         main(["generate", str(stage("resumed"))])
     partial = tmp_path / "resumed.tmp" / "chunks"
@@ -140,8 +147,8 @@ def test_generate_killed_midway_resumes_without_duplicates(arith, tmp_path, monk
     assert main(["generate", str(stage("resumed")), "--temperature", "0.7"]) == 2
     assert "'temperature': (1.0, 0.7)" in capsys.readouterr().err
 
-    calls.clear()
-    monkeypatch.setattr(cli, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.undo()
+    calls = counting_generate(monkeypatch)
     assert main(["generate", str(stage("resumed"))]) == 0
     assert len(calls) == 1  # only the missing chunk was sampled
     resumed = tmp_path / "resumed"
@@ -165,19 +172,11 @@ def test_generate_killed_midway_resumes_without_duplicates(arith, tmp_path, monk
 def test_generate_overwrite_discards_partial_chunks(arith, tmp_path, monkeypatch, one_thread):
     text = GENERATE.format(data=arith, dataset=arith / "questions.jsonl", out=tmp_path / "o")
     path = write_stage(tmp_path / "g.yaml", text)
-    real, calls = cli.generate, []
-
-    def crash_on_second_chunk(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(cli, "generate", crash_on_second_chunk)
+    counting_generate(monkeypatch, crash_on=2)
     with pytest.raises(RuntimeError):
         main(["generate", str(path)])
-    calls.clear()
-    monkeypatch.setattr(cli, "generate", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.undo()
+    calls = counting_generate(monkeypatch)
     assert main(["generate", str(path), "--temperature", "0.7", "--overwrite"]) == 0
     assert len(calls) == 3  # every chunk sampled again, with the new settings
     assert json.loads((tmp_path / "o" / "generate_summary.json").read_text())["temperature"] == 0.7

@@ -293,36 +293,48 @@ def _check_chunk_settings(chunk_dir: Path, settings: dict, name: str) -> None:
 def _questions(cfg, task) -> list[dict]:
     """Rows -> {question_id, question, gold (canonical), prompt}; a gold answer that does not parse names its row."""
     rows = _load_rows(cfg)
-    missing = [c for c in ("prompt", cfg.gold_column) if c not in rows.column_names]
-    if missing:
-        raise KeyError(
-            f"{cfg.dataset}: generate needs column(s) {missing} (has {rows.column_names}); build `prompt` with "
-            "prompt_template, name the gold column with gold_column"
-        )
-    questions, seen = [], set()
-    for i, row in enumerate(rows):
-        qid = row.get("question_id", i)
+    ids = rows["question_id"] if "question_id" in rows.column_names else list(range(len(rows)))
+    seen = set()
+    for i, qid in enumerate(ids):
         if qid in seen:
             raise ValueError(f"{cfg.dataset}: question_id {qid!r} appears twice (row {i})")
         seen.add(qid)
+    golds = _golds(cfg, rows, lambda i: f"row {i} (question_id {ids[i]!r})")
+    questions = rows[cfg.question_column] if cfg.question_column in rows.column_names else rows["prompt"]
+    return [
+        {"question_id": qid, "question": question, "gold": gold, "prompt": prompt}
+        for qid, question, gold, prompt in zip(ids, questions, golds, rows["prompt"])
+    ]
+
+
+def _golds(cfg, rows, label) -> list[str]:
+    """The canonical gold answer of every row (`cfg.task`'s parser); a missing `prompt` or gold column, or a gold that
+    does not parse, is an error naming the row (`label(i)`), raised before any model is loaded."""
+    from .tasks.grading import TASKS
+
+    missing = [c for c in ("prompt", cfg.gold_column) if c not in rows.column_names]
+    if missing:
+        raise KeyError(
+            f"{cfg.dataset}: rows need column(s) {missing} (have {rows.column_names}); build `prompt` with "
+            "prompt_template, name the gold column with gold_column"
+        )
+    golds = []
+    for i, gold in enumerate(rows[cfg.gold_column]):
         try:
-            gold = task.gold_answer(str(row[cfg.gold_column]))
+            golds.append(TASKS[cfg.task].gold_answer(str(gold)))
         except ValueError as e:
-            raise ValueError(f"{cfg.dataset}: row {i} (question_id {qid!r}): {e}") from None
-        question = row.get(cfg.question_column, row["prompt"])
-        questions.append({"question_id": qid, "question": question, "gold": gold, "prompt": row["prompt"]})
-    return questions
+            raise ValueError(f"{cfg.dataset}: {label(i)}: {e}") from None
+    return golds
 
 
 def _sample_chunks(cfg, questions: list[dict], chunks: list[int], chunk_dir: Path, state) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from .tasks.fewshot import STOP_STRINGS, cut_at_stop, fewshot_prompt
+    from .tasks.fewshot import cut_at_stop, fewshot_prompt, stop_strings
     from .tasks.grading import TASKS
 
     task = TASKS[cfg.task]
-    stops = STOP_STRINGS if cfg.task in ("gsm8k", "math") else ()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, dtype=cfg.dtype, merge_adapter=True, trainable=False).to(state.device)
     per_chunk = cfg.chunk_questions * cfg.num_samples
@@ -353,7 +365,7 @@ def _sample_chunks(cfg, questions: list[dict], chunks: list[int], chunk_dir: Pat
             top_p=cfg.top_p,
             top_k=cfg.top_k,
             progress=False,
-            stop_strings=stops,
+            stop_strings=stop_strings(cfg.task),
         )
         part = chunk_dir / f"chunk-{c:06d}.jsonl.part"
         with open(part, "w") as f:
@@ -612,7 +624,7 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
 
     from .signals.ref_logps import score_ref_logps
     from .tasks import e2e
-    from .tasks.fewshot import STOP_STRINGS, cut_at_stop, fewshot_prompt
+    from .tasks.fewshot import cut_at_stop, fewshot_prompt, stop_strings
     from .tasks.grading import GRADERS, accuracy
 
     cfg = stage.config
@@ -620,7 +632,7 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
         raise ConfigError(f"{stage.path.name}: task must be 'e2e' or one of {sorted(GRADERS)}, got {cfg.task!r}")
     _check_fewshot(stage)
     rows = _evaluation_rows(stage)
-    golds = _evaluation_golds(stage, rows) if cfg.task in GRADERS else None  # every gold parses, before any model
+    golds = _golds(cfg, rows, lambda i: f"evaluation row {i}") if cfg.task in GRADERS else None
     state = distributed_state()
     results = {}
     with atomic_output(cfg.output_dir, overwrite=overwrite) as tmp:
@@ -633,8 +645,9 @@ def run_evaluate(stage: Stage, overwrite: bool = False) -> dict:
                 nll = -sum(map(sum, logps)) / max(sum(map(len, logps)), 1)
             if cfg.task in GRADERS:
                 prompts = [prompt_ids({"prompt": fewshot_prompt(cfg.fewshot, r["prompt"])}, tokenizer) for r in rows]
-                stops = STOP_STRINGS if cfg.task in ("gsm8k", "math") else ()
-                texts = _generate_sharded(model, tokenizer, prompts, cfg, desc=name, stop_strings=stops)
+                texts = _generate_sharded(
+                    model, tokenizer, prompts, cfg, desc=name, stop_strings=stop_strings(cfg.task)
+                )
                 texts = [cut_at_stop(t) for t in texts]
                 verdicts = [GRADERS[cfg.task](t, gold) for t, gold in zip(texts, golds)]
                 results[name] = {**accuracy(verdicts), "heldout_nll": nll}
@@ -698,26 +711,6 @@ def _generate_sharded(model, tokenizer, prompts, cfg, desc: str, stop_strings=()
     return [done[i] for i in range(len(prompts))]
 
 
-def _evaluation_golds(stage: Stage, rows) -> list[str]:
-    """The canonical gold answer of every evaluation row; a missing column or an unparsable gold names the row."""
-    from .tasks.grading import TASKS
-
-    cfg = stage.config
-    missing = [c for c in ("prompt", cfg.gold_column) if c not in rows.column_names]
-    if missing:
-        raise KeyError(
-            f"{stage.path.name}: evaluation rows need column(s) {missing} (have {rows.column_names}); build `prompt` "
-            "with prompt_template, name the gold column with gold_column"
-        )
-    golds = []
-    for i, gold in enumerate(rows[cfg.gold_column]):
-        try:
-            golds.append(TASKS[cfg.task].gold_answer(str(gold)))
-        except ValueError as e:
-            raise ValueError(f"{cfg.dataset}: evaluation row {i}: {e}") from None
-    return golds
-
-
 def _check_fewshot(stage: Stage) -> None:
     from .tasks.fewshot import FEWSHOT
 
@@ -754,31 +747,34 @@ def _evaluation_rows(stage: Stage):
     if cfg.rows == "heldout":
         indices = [i for i in indices if is_heldout(i)]
     if cfg.train_samples:
-        summary_path = Path(cfg.train_samples) / "generate_summary.json"
-        if not summary_path.exists():
-            raise FileNotFoundError(
-                f"{stage.path.name}: train_samples {cfg.train_samples} has no generate_summary.json"
-            )
-        summary = json.loads(summary_path.read_text())
-        leaked = []
-        if summary.get("question_hashes") is not None:
-            if cfg.question_column not in rows.column_names and "prompt" not in rows.column_names:
-                raise KeyError(f"{stage.path.name}: rows have neither {cfg.question_column!r} nor 'prompt' to match")
-            column = cfg.question_column if cfg.question_column in rows.column_names else "prompt"
-            trained = set(summary["question_hashes"])
-            texts = rows[column]
-            leaked = [i for i in indices if _question_hash(texts[i]) in trained]
-        if summary.get("samples_from") == "gsm8k_solutions":
-            trained_ids = set(summary["question_ids"])
-            leaked = sorted(set(leaked) | {i for i in indices if i in trained_ids})
-        if leaked:
-            raise ConfigError(
-                f"{stage.path.name}: {len(leaked)} evaluation rows (first: row {leaked[0]}) are questions that fed "
-                f"training ({cfg.train_samples})"
-                + ("; evaluate on `rows: heldout` (index % 4 == 3)" if summary.get("samples_from") else "")
-            )
-        logger.info("%s: none of the %d evaluation rows fed training (%s)", stage.name, len(indices), cfg.train_samples)
+        _refuse_trained_rows(stage, rows, indices)
     return rows.select(indices) if len(indices) < len(rows) else rows
+
+
+def _refuse_trained_rows(stage: Stage, rows, indices: list[int]) -> None:
+    """Error if an evaluation row's question fed training (`train_samples`' generate_summary.json): by question text,
+    and for `samples_from: gsm8k_solutions` (GSM8K test rows) also by index."""
+    cfg = stage.config
+    summary_path = Path(cfg.train_samples) / "generate_summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{stage.path.name}: train_samples {cfg.train_samples} has no generate_summary.json")
+    summary = json.loads(summary_path.read_text())
+    leaked = set()
+    if summary.get("question_hashes") is not None:
+        column = cfg.question_column if cfg.question_column in rows.column_names else "prompt"
+        if column not in rows.column_names:
+            raise KeyError(f"{stage.path.name}: rows have neither {cfg.question_column!r} nor 'prompt' to match")
+        trained, texts = set(summary["question_hashes"]), rows[column]
+        leaked |= {i for i in indices if _question_hash(texts[i]) in trained}
+    if summary.get("samples_from") == "gsm8k_solutions":
+        leaked |= set(indices) & set(summary["question_ids"])
+    if leaked:
+        raise ConfigError(
+            f"{stage.path.name}: {len(leaked)} evaluation rows (first: row {min(leaked)}) are questions that fed "
+            f"training ({cfg.train_samples})"
+            + ("; evaluate on `rows: heldout` (index % 4 == 3)" if summary.get("samples_from") else "")
+        )
+    logger.info("%s: none of the %d evaluation rows fed training (%s)", stage.name, len(indices), cfg.train_samples)
 
 
 def _prior_diagnostic(scored: str) -> dict:
@@ -900,16 +896,20 @@ def _sub_recipe_keys(recipe: Path) -> set[str]:
         raw = yaml.safe_load(f.read_text()) or {}
         keys |= set(raw)
         if raw.get("stage") == "grid":
-            sub = Path(raw.get("recipe", ""))
-            keys |= _sub_recipe_keys(sub if sub.is_absolute() else f.parent / sub)
+            keys |= _sub_recipe_keys(_sub_recipe_path(f, raw.get("recipe", "")))
     return keys
 
 
 def _grid_recipe(stage: Stage) -> Path:
-    sub = Path(stage.config.recipe)
-    if not stage.config.recipe:
-        raise ConfigError(f"{stage.path.name}: a grid stage needs `recipe` (a folder of numbered stage files)")
-    return sub if sub.is_absolute() else stage.path.parent / sub
+    return _sub_recipe_path(stage.path, stage.config.recipe)
+
+
+def _sub_recipe_path(stage_file: Path, recipe: str) -> Path:
+    """A grid's `recipe`, relative to the grid's own stage file."""
+    if not recipe:
+        raise ConfigError(f"{stage_file.name}: a grid stage needs `recipe` (a folder of numbered stage files)")
+    sub = Path(recipe)
+    return sub if sub.is_absolute() else stage_file.parent / sub
 
 
 def _combo_name(combo: dict) -> str:
@@ -923,6 +923,8 @@ def run_grid(stage: Stage, overwrite: bool = False) -> None:
     import concurrent.futures
     import itertools
     import multiprocessing
+
+    import torch
 
     cfg = stage.config
     sub = _grid_recipe(stage)
@@ -945,8 +947,6 @@ def run_grid(stage: Stage, overwrite: bool = False) -> None:
         }
         variables.pop("run_dir")
         jobs.append((str(sub), str(out / _combo_name(combo)), variables["data_dir"], stage.overrides, variables))
-    import torch
-
     # a nested grid shares its worker's threads: divide what this process has, not the machine's cores
     threads = cfg.threads or max(1, torch.get_num_threads() // min(cfg.workers, len(jobs)))
     logger.info(

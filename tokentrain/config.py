@@ -188,7 +188,9 @@ class GridStage(StageConfig):
         metadata={"help": "name -> list of values; `{name}` in the sub-recipe is replaced, e.g. {seed: [0, 1, 2]}."},
     )
     workers: int = field(default=1, metadata={"help": "Combinations run at once, each in its own process."})
-    threads: int = field(default=0, metadata={"help": "torch threads per worker (0: cores / workers)."})
+    threads: int = field(
+        default=0, metadata={"help": "torch threads per worker (0: this process's torch threads / workers)."}
+    )
 
 
 @dataclass

@@ -125,6 +125,11 @@ FEWSHOT: dict[str, str] = {
 STOP_STRINGS: tuple[str, ...] = ("\n\nQuestion:", "\n\nProblem:")
 
 
+def stop_strings(task: str) -> tuple[str, ...]:
+    """The stop strings generation uses for a grading task: the official ones for GSM8K and MATH, none otherwise."""
+    return STOP_STRINGS if task in ("gsm8k", "math") else ()
+
+
 def fewshot_prompt(task: str, prompt: str) -> str:
     """`FEWSHOT[task] + "\\n\\n" + prompt`; `prompt` unchanged for task "none"; ValueError for any other task."""
     if task == "none":
