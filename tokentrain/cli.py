@@ -38,6 +38,7 @@ from .data import (
     apply_templates,
     atomic_output,
     distributed_state,
+    exit_process,
     is_complete,
     load_rows,
     prompt_ids,
@@ -1122,7 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ConnectionError, FileExistsError, FileNotFoundError, KeyError, ValueError) as e:
         logger.error("%s: %s", type(e).__name__, e)
         return 2
-    return 0
+    return exit_process(0)  # returns 0, except in a gloo multi-process run: see its docstring
 
 
 def _stage_from_overrides(kind: str, overrides: dict, variables: dict) -> Stage:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from tokentrain.data import load_rows
+from tokentrain.data import exit_process, load_rows
 from tokentrain.models import load_model, load_tokenizer
 from tokentrain.trainers.weighted_ntp import WeightedNTPConfig, WeightedNTPTrainer
 
@@ -76,6 +76,7 @@ def main():
             torch.save(weights, folder / "weights.pt")
             (folder / "log.json").write_text(json.dumps({"log": log, "processes": state.num_processes}, indent=1))
         state.wait_for_everyone()
+    exit_process(0)  # a gloo rank can abort at interpreter exit after its work is done: see its docstring
 
 
 if __name__ == "__main__":
