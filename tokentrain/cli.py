@@ -216,8 +216,8 @@ def run_train(stage: Stage, overwrite: bool = False) -> None:
             if trainer.state.best_metric is not None:  # load_best_model_at_end: the saved model is this checkpoint's
                 summary["best_metric"] = trainer.state.best_metric
                 summary["best_step"] = int(Path(trainer.state.best_model_checkpoint).name.split("-")[-1])
-            for stopper in stoppers:
-                summary["accuracy_checks"] = stopper.checks
+            if stoppers:
+                summary["accuracy_checks"] = stoppers[0].checks
             (tmp / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

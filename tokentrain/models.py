@@ -176,7 +176,6 @@ def check_same_vocab(tokenizer, model, what: str, model_tokenizer=None) -> None:
         )
 
 
-@torch.no_grad()
 def _stop_criteria(tokenizer, stop_strings, prompt_width: int):
     """Per-sequence stop once the generated text contains a stop string. Only the last few generated tokens are
     decoded each step (as many as the longest stop string has characters, + 2), so the cost does not grow with the
@@ -194,6 +193,7 @@ def _stop_criteria(tokenizer, stop_strings, prompt_width: int):
     return StoppingCriteriaList([StopOnStrings()])
 
 
+@torch.no_grad()
 def generate(
     model,
     tokenizer,
