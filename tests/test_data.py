@@ -15,16 +15,14 @@ import torch
 from datasets import Dataset
 
 from tokentrain.data import (
-    DONE_FILE,
     SignalAlignmentError,
     SignalCollator,
-    atomic_output,
     completion_ids_of,
-    is_complete,
     load_rows,
     prepare_sft_dataset,
     tokenize_row,
 )
+from tokentrain.stages.base import DONE_FILE, atomic_output, is_complete
 
 IGNORE = -100
 

@@ -200,8 +200,8 @@ out = {
 }
 with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as f:
     json.dump(out, f)
-# A gloo rank can abort at interpreter exit after its work is done (see tokentrain.data.exit_process).
-from tokentrain.data import exit_process
+# A gloo rank can abort at interpreter exit after its work is done (see tokentrain.runtime.exit_process).
+from tokentrain.runtime import exit_process
 exit_process(0)
 """
 
@@ -229,7 +229,7 @@ def test_cpu_config_starts_two_gloo_processes(tmp_path):
 
 
 def test_exit_process_returns_the_code_without_a_process_group():
-    from tokentrain.data import exit_process
+    from tokentrain.runtime import exit_process
 
     assert exit_process(0) == 0 and exit_process(2) == 2
 
@@ -237,7 +237,7 @@ def test_exit_process_returns_the_code_without_a_process_group():
 EXIT_WORKER = """
 import logging, sys
 import torch.distributed as dist
-from tokentrain.data import exit_process
+from tokentrain.runtime import exit_process
 
 dist.init_process_group("gloo", init_method=f"file://{sys.argv[1]}/store", rank=0, world_size=1)
 print("work done")  # buffered: exit_process must flush it

@@ -22,7 +22,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from tokentrain.data import DONE_FILE, completion_ids_of, tokenize_row
+from tokentrain.data import completion_ids_of, tokenize_row
+from tokentrain.stages.base import DONE_FILE
 
 REPO = Path(__file__).resolve().parents[1]
 KILLER = REPO / "tests" / "scripts" / "train_until_killed.py"

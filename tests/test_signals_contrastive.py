@@ -374,7 +374,7 @@ WORKER = """
 import json, sys
 from accelerate import Accelerator
 from transformers import AutoTokenizer, LlamaForCausalLM
-from tokentrain.data import exit_process
+from tokentrain.runtime import exit_process
 from tokentrain.signals.contrastive import score_contrastive
 
 folder = sys.argv[1]

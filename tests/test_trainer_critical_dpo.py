@@ -232,7 +232,7 @@ import json, sys
 import torch
 from datasets import load_from_disk
 from transformers import AutoTokenizer, LlamaForCausalLM
-from tokentrain.data import exit_process
+from tokentrain.runtime import exit_process
 from tokentrain.trainers.critical_dpo import CriticalDPOConfig, CriticalDPOTrainer
 
 folder = sys.argv[1]

@@ -34,28 +34,18 @@ from .config import (
     recipe_variables,
 )
 from .data import (
-    DONE_FILE,
     apply_templates,
-    atomic_output,
-    distributed_state,
-    exit_process,
-    is_complete,
     load_rows,
     prompt_ids,
     read_meta,
     write_meta,
 )
 from .models import build_tiny, check_same_vocab, generate, load_model, load_tokenizer, vocab_size
-from .trainers.critical_dpo import CriticalDPOConfig, CriticalDPOTrainer
-from .trainers.weighted_ntp import WeightedNTPConfig, WeightedNTPTrainer
+from .objectives import OBJECTIVES, objective
+from .runtime import distributed_state, exit_process
+from .stages.base import DONE_FILE, atomic_output, is_complete
 
 logger = logging.getLogger("tokentrain")
-
-# The one registry: objective stem -> (config class, trainer class).
-OBJECTIVES = {
-    "weighted_ntp": (WeightedNTPConfig, WeightedNTPTrainer),
-    "critical_dpo": (CriticalDPOConfig, CriticalDPOTrainer),
-}
 
 
 # -------------------------------------------------------------------------------------------------------- stages
@@ -161,7 +151,7 @@ def run_train(stage: Stage, overwrite: bool = False) -> None:
     dataset = _load_rows(cfg)
     is_train = cfg.stage == "train"
     if is_train:
-        config_cls, trainer_cls = OBJECTIVES[cfg.objective]
+        config_cls, trainer_cls = objective(cfg.objective)
         meta = read_meta(cfg.dataset)
         if meta:
             _check_signal_meta(meta, tokenizer, stage)

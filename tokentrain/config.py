@@ -291,11 +291,12 @@ def parse_override_args(argv: list[str]) -> dict[str, str]:
 def trainer_config_class(stage: StageConfig):
     """The trainer config dataclass whose fields the stage's other keys set (None for stages without a trainer)."""
     if isinstance(stage, TrainStage):
-        from .cli import OBJECTIVES  # the one registry
+        from .objectives import objective
 
-        if stage.objective not in OBJECTIVES:
-            raise ConfigError(f"objective {stage.objective!r} is unknown; valid: {sorted(OBJECTIVES)}")
-        return OBJECTIVES[stage.objective][0]
+        try:
+            return objective(stage.objective)[0]
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if isinstance(stage, SFTStage):
         from trl import SFTConfig
 

@@ -10,14 +10,9 @@ exactly like `input_ids`, so it stays aligned by construction.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
-import shutil
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +26,6 @@ from .tokens import IGNORE_INDEX
 logger = logging.getLogger(__name__)
 
 META_FILE = "signal_meta.json"
-DONE_FILE = "_COMPLETE"
 
 
 class SignalAlignmentError(ValueError):
@@ -99,75 +93,6 @@ def require_columns(dataset: Dataset, columns: list[str], hint: str = "") -> Non
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise KeyError(f"dataset lacks column(s) {missing} (has {dataset.column_names}){'; ' + hint if hint else ''}")
-
-
-# ------------------------------------------------------------------------------------------------------ atomic output
-
-
-def is_complete(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / DONE_FILE).exists()
-
-
-def distributed_state():
-    """accelerate's process state, on the CPU when there is no GPU or `ACCELERATE_USE_CPU` is set.
-
-    A bare `PartialState()` ignores `ACCELERATE_USE_CPU` and, created first, would leave every process of a CPU launch
-    believing it is the only (main) one; every later `Accelerator()` shares this state.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
-
-
-def exit_process(code: int = 0) -> int:
-    """End a process of a gloo (CPU) multi-process run with `os._exit(code)`, after every rank is done and flushed.
-
-    With torch 2.13, a gloo worker thread can still be destroying the last collective's work object, which drops a
-    Python tensor and so takes the GIL, while the interpreter finalises; that thread then exits inside a noexcept
-    destructor and the rank dies with "terminate called without an active exception" (SIGABRT) after its work is
-    done: 6 launches in 100 of a 2-process training job here (core dump: `AsyncAllgatherWork::~AsyncAllgatherWork` in
-    `ProcessGroupGloo::runLoop`, `take_gil` -> `PyThread_exit_thread`). `destroy_process_group` does not stop those
-    threads; skipping finalisation does. Any other run (one process, NCCL) returns `code` and exits normally.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_backend() == "gloo"):
-        return code
-    dist.barrier()  # no rank leaves while another still writes or waits on it
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
-@contextlib.contextmanager
-def atomic_output(out_dir: str | Path, overwrite: bool = False, keep_partial: bool = False) -> Iterator[Path]:
-    """Write a stage's output to `<out>.tmp/`, then rename it to `<out>/` with a completion marker.
-
-    A run killed inside the block leaves only `<out>.tmp/`: nothing half-written is ever read as a finished output.
-    The next attempt deletes it, or, with `keep_partial` (training and generate stages), keeps it so that the work
-    resumes where it stopped. A finished output is refused unless `overwrite`, which also discards partial work. With
-    several processes, the main process owns the folder and the others wait for it at the start and the end.
-    """
-    state = distributed_state()
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a finished output; pass --overwrite to replace it")
-    if state.is_main_process:
-        if tmp.exists() and (overwrite or not keep_partial):  # --overwrite starts from scratch, partial work too
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True, exist_ok=True)
-    state.wait_for_everyone()
-    yield tmp
-    state.wait_for_everyone()
-    if state.is_main_process:
-        (tmp / DONE_FILE).write_text("complete\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    state.wait_for_everyone()
 
 
 def prompt_ids(example: dict[str, Any], tokenizer, chat_template: str | None = None) -> list[int]:

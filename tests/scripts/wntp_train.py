@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-from tokentrain.data import exit_process, load_rows
+from tokentrain.data import load_rows
 from tokentrain.models import load_model, load_tokenizer
+from tokentrain.runtime import exit_process
 from tokentrain.trainers.weighted_ntp import WeightedNTPConfig, WeightedNTPTrainer
 
 
