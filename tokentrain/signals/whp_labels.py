@@ -1,0 +1,310 @@
+"""Scoring pass: WHP generic labels (spec `specs/unlearning.md` sections 2.4-2.6).
+
+For every completion position j of a forget row (tokenised exactly as TRL 1.16's SFTTrainer does), in float32:
+
+    v_b = baseline logits row q_j - 1 on the translated text z      v_r = reinforced logits row j - 1 on s
+    v_g = v_b - alpha * ReLU(v_r - v_b) - rho * 1[v in P_j]          target_j = argmax v_g
+
+(`losses.unlearning.generic_labels`). token_weights[j] = 1.0 where j is aligned (`anchors.align_row`) and not inside
+a later match of a term already seen in the row (rule (a)); elsewhere 0.0 and target_j = x_j. Without a dictionary,
+z = s and q_j = j: reinforcement-only labels, every position with a prefix weighted.
+
+Memory: both backbones run once per batch (hidden states (B, T, H)); only the weighted positions are gathered, (N, H),
+and projected through each LM head at most `chunk_size` positions at a time, keeping only the argmaxes: the largest
+logits tensor is (chunk_size, V), never (B, T, V). Rows are sorted by length (longest first), strided over processes
+with accelerate and returned in input order on every process.
+
+Errors: models of different logit widths or tokenizer vocabularies (both named, first differing token), a dictionary
+with a slow tokenizer, a row whose completion tokenises to nothing, a row (original or translated) longer than the
+models' positions (never truncated), `alpha` < 0 or not finite, `repeat_penalty` < 0, no dictionary match at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import context_ids_of, target_positions, tokenize_row
+from ..losses.unlearning import generic_labels
+from .anchors import (
+    AnchorTerms,
+    align_row,
+    check_match_counts,
+    require_fast_tokenizer,
+    row_text,
+    tokenize_with_offsets,
+)
+from .contrastive import _causal_lm, _hidden_states, _logit_transform, _logit_width, _project
+
+logger = logging.getLogger(__name__)
+
+PENALTY_MASK_ELEMENTS = 1 << 26  # rule (b)'s (n, V) bool mask is built at most this large (64 MiB)
+
+
+@dataclass
+class _Row:
+    """One forget row, ready to score: both token sequences and the completion positions to label."""
+
+    s_ids: list[int]  # what the policy and the reinforced model read
+    z_ids: list[int]  # what the baseline reads (= s_ids without a dictionary)
+    positions: list[int]  # completion positions j (input index of the token x_j), ascending
+    context: list[int]  # the row's tokens that are not targets (its prompt), stored as `prompt_ids`
+    q: list[int | None]  # per completion position: baseline row + 1, or None when not aligned
+    weighted: list[bool]  # per completion position: aligned and not zeroed by rule (a)
+    term_first: list[bool]  # per completion position
+    penalty: list[list[int]]  # per completion position: rule (b)'s token ids
+    n_matches: int
+
+
+def _model_name(model, fallback: str) -> str:
+    return getattr(_causal_lm(model).config, "_name_or_path", "") or fallback
+
+
+def check_label_models(baseline, reinforced, tokenizer, reinforced_tokenizer=None) -> None:
+    """Baseline and reinforced must share the vocabulary: logit width and, when given, the tokenizers' vocab."""
+    b_name, r_name = _model_name(baseline, "baseline"), _model_name(reinforced, "reinforced")
+    b_width, r_width = _logit_width(baseline), _logit_width(reinforced)
+    if b_width != r_width:
+        raise ValueError(
+            f"baseline {b_name!r} has {b_width} logits per position but reinforced {r_name!r} has {r_width}: the "
+            "reinforced model must be a fine-tune of the baseline (same vocabulary)"
+        )
+    if len(tokenizer) > b_width:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but baseline {b_name!r} produces only {b_width} logits: it "
+            "is not the baseline's tokenizer"
+        )
+    if reinforced_tokenizer is not None:
+        own, other = tokenizer.get_vocab(), reinforced_tokenizer.get_vocab()
+        if own != other:
+            by_id_b = {i: t for t, i in own.items()}
+            by_id_r = {i: t for t, i in other.items()}
+            first = min(i for i in set(by_id_b) | set(by_id_r) if by_id_b.get(i) != by_id_r.get(i))
+            raise ValueError(
+                f"baseline {b_name!r} and reinforced {r_name!r} have different tokenizer vocabularies ({len(own)} vs "
+                f"{len(other)} tokens); first differing id {first}: {by_id_b.get(first)!r} vs {by_id_r.get(first)!r}"
+            )
+
+
+def _prepare_row(i, example, tokenizer, anchors: AnchorTerms | None, chat_template) -> tuple[_Row, dict[str, int]]:
+    tokens = tokenize_row(example, tokenizer, chat_template)
+    ids, labels = tokens["input_ids"], tokens["labels"]
+    positions = target_positions(labels)
+    if not positions:
+        raise ValueError(f"row {i}: the completion tokenises to nothing; drop the row or give it text")
+    if anchors is None:
+        k = len(positions)
+        context = context_ids_of(ids, labels)
+        row = _Row(ids, ids, positions, context, list(positions), [True] * k, [False] * k, [[] for _ in range(k)], 0)
+        return row, {}
+
+    s, add_special = row_text(example, tokenizer, chat_template)
+    s_ids, s_offsets = tokenize_with_offsets(tokenizer, s, add_special)
+    if s_ids != ids:
+        raise ValueError(
+            f"row {i}: the text rebuilt for anchor matching does not tokenise to the trainer's ids (unusual chat "
+            "template?); anchored terms cannot be aligned on this row"
+        )
+    matches = anchors.find(s)
+    z = anchors.translate(s, matches)
+    z_ids, z_offsets = tokenize_with_offsets(tokenizer, z, add_special)
+    align = align_row(s_offsets, z_offsets, z_ids, matches, anchors.terms)
+    q = [align.q[j] for j in positions]
+    weighted = [align.q[j] is not None and not align.repeat[j] for j in positions]
+    row = _Row(
+        s_ids=ids,
+        z_ids=z_ids,
+        positions=positions,
+        context=context_ids_of(ids, labels),
+        q=q,
+        weighted=weighted,
+        term_first=[align.term_first[j] for j in positions],
+        penalty=[align.penalty[j] if w else [] for j, w in zip(positions, weighted)],
+        n_matches=len(matches),
+    )
+    counts: dict[str, int] = {}
+    for m in matches:
+        counts[m.term] = counts.get(m.term, 0) + 1
+    return row, counts
+
+
+def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)  # (B, T) right-padded
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, T)
+    for b, s in enumerate(seqs):
+        input_ids[b, : len(s)] = torch.tensor(s)
+        attention_mask[b, : len(s)] = 1
+    return input_ids, attention_mask
+
+
+@torch.no_grad()
+def score_whp_labels(
+    dataset,
+    baseline,
+    reinforced,
+    tokenizer,
+    anchors: AnchorTerms | None = None,
+    alpha: float = 5.0,
+    repeat_penalty: float = 0.0,
+    batch_size: int = 8,
+    chunk_size: int = 4096,
+    accelerator=None,
+    chat_template: str | None = None,
+    reinforced_tokenizer=None,
+) -> tuple[dict[str, list[Any]], dict[str, Any]]:
+    """Generic labels of every row of `dataset` (prompt/completion, text or chat rows).
+
+    Returns (columns, stats). `columns`, one entry per row in input order (the same on every process):
+    `completion_ids` (list[int]), `target_ids` (list[int]), `token_weights` (list[float], 0.0/1.0), all of length
+    |completion_ids|, `prompt_ids` (list[int], the row's other tokens: the trainer checks the context too) and
+    `n_anchor_matches` (int). `stats` is what the stage writes to stats.json: rows, positions,
+    weighted, changed, flipped, term_first, leak, anchor_matches, alpha, repeat_penalty (section 2.6).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object
+
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if not (math.isfinite(repeat_penalty) and repeat_penalty >= 0):
+        raise ValueError(f"repeat_penalty must be a finite number >= 0, got {repeat_penalty!r}")
+    if batch_size < 1 or chunk_size < 1:
+        raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size} and {chunk_size}")
+    check_label_models(baseline, reinforced, tokenizer, reinforced_tokenizer)
+    if anchors is not None:
+        require_fast_tokenizer(tokenizer)
+    accelerator = accelerator or Accelerator()
+
+    # ---- tokenise, match, align: every process the same
+    rows: list[_Row] = []
+    counts = dict.fromkeys(anchors.terms, 0) if anchors is not None else {}
+    for i, example in enumerate(tqdm(dataset, desc="Aligning rows", disable=not accelerator.is_main_process)):
+        row, row_counts = _prepare_row(i, example, tokenizer, anchors, chat_template)
+        for term, n in row_counts.items():
+            counts[term] += n
+        rows.append(row)
+    if not rows:
+        raise ValueError("the forget dataset has no row")
+    if anchors is not None:
+        accelerator.print(check_match_counts(anchors, counts))
+    max_positions = min(
+        getattr(_causal_lm(m).config.get_text_config(), "max_position_embeddings", None) or 1 << 62
+        for m in (baseline, reinforced)
+    )
+    for i, row in enumerate(rows):
+        for what, ids in (("original", row.s_ids), ("translated", row.z_ids)):
+            if len(ids) > max_positions:
+                raise ValueError(
+                    f"row {i} has {len(ids)} tokens ({what} text) but the models read at most {max_positions}: "
+                    "lower block_tokens or shorten the row (labels are never truncated)"
+                )
+    n_weighted = sum(sum(r.weighted) for r in rows)
+    accelerator.print(
+        f"score whp_labels: {len(rows)} rows, {sum(len(r.positions) for r in rows)} completion positions, "
+        f"{n_weighted} to label; alpha {alpha}, repeat_penalty {repeat_penalty}, "
+        f"dictionary {anchors.source + f' ({len(anchors)} terms)' if anchors is not None else 'none'}, "
+        f"batch {batch_size}, chunk {chunk_size} positions"
+    )
+
+    # ---- longest first, strided over processes
+    order = sorted(range(len(rows)), key=lambda i: -max(len(rows[i].s_ids), len(rows[i].z_ids)))
+    mine = order[accelerator.process_index :: accelerator.num_processes]
+    batches = [mine[k : k + batch_size] for k in range(0, len(mine), batch_size)]
+
+    baseline.eval()
+    reinforced.eval()
+    transforms = (_logit_transform(baseline), _logit_transform(reinforced))
+    vocab = _logit_width(baseline)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    results = []
+    for batch in tqdm(batches, desc="Scoring (whp_labels)", disable=not accelerator.is_main_process):
+        # (b, baseline row, reinforced row) of every weighted position, row by row
+        b_idx, z_pos, s_pos, pen_rows, pen_ids = [], [], [], [], []
+        for b, i in enumerate(batch):
+            row = rows[i]
+            for j, q, w, pen in zip(row.positions, row.q, row.weighted, row.penalty):
+                if w:
+                    pen_rows += [len(b_idx)] * len(pen)
+                    pen_ids += pen
+                    b_idx.append(b)
+                    z_pos.append(q - 1)
+                    s_pos.append(j - 1)
+        n = len(b_idx)
+        targets = torch.zeros(n, dtype=torch.long)
+        base_top = torch.zeros(n, dtype=torch.long)
+        if n:
+            z_ids, z_mask = _pad([rows[i].z_ids for i in batch], pad_id)
+            s_ids, s_mask = _pad([rows[i].s_ids for i in batch], pad_id)
+            hidden_b = _hidden_states(baseline, z_ids, z_mask)  # (B, Tz, H)
+            hidden_r = _hidden_states(reinforced, s_ids, s_mask)  # (B, Ts, H)
+            idx_b = torch.tensor(b_idx)
+            h_b = hidden_b[idx_b.to(hidden_b.device), torch.tensor(z_pos, device=hidden_b.device)]  # (N, H)
+            h_r = hidden_r[idx_b.to(hidden_r.device), torch.tensor(s_pos, device=hidden_r.device)]  # (N, H)
+            pen_rows_t, pen_ids_t = torch.tensor(pen_rows, dtype=torch.long), torch.tensor(pen_ids, dtype=torch.long)
+            step = chunk_size if repeat_penalty == 0 else max(1, min(chunk_size, PENALTY_MASK_ELEMENTS // vocab))
+            for start in range(0, n, step):
+                end = min(start + step, n)
+                v_b = _project(baseline, h_b[start:end], transforms[0])  # (n, V) float32
+                v_r = _project(reinforced, h_r[start:end], transforms[1]).to(v_b.device)  # (n, V) float32
+                mask = None
+                if repeat_penalty > 0:
+                    sel = (pen_rows_t >= start) & (pen_rows_t < end)
+                    mask = torch.zeros(v_b.shape, dtype=torch.bool, device=v_b.device)  # (n, V)
+                    mask[(pen_rows_t[sel] - start).to(v_b.device), pen_ids_t[sel].to(v_b.device)] = True
+                targets[start:end] = generic_labels(v_b, v_r, alpha, mask, repeat_penalty).cpu()
+                base_top[start:end] = v_b.argmax(dim=-1).cpu()
+        counts_per_row = torch.bincount(torch.tensor(b_idx, dtype=torch.long), minlength=len(batch)).tolist()
+        for i, t, top in zip(batch, targets.split(counts_per_row), base_top.split(counts_per_row)):
+            results.append((i, t.tolist(), top.tolist()))
+
+    gathered = gather_object(results) if accelerator.num_processes > 1 else results
+    by_row = {i: (t, top) for i, t, top in gathered}
+
+    names = ("completion_ids", "target_ids", "token_weights", "prompt_ids", "n_anchor_matches")
+    columns: dict[str, list[Any]] = {name: [] for name in names}
+    totals = {"positions": 0, "weighted": 0, "changed": 0, "flipped": 0, "term_first": 0, "leak": 0}
+    for i, row in enumerate(rows):
+        completion = [row.s_ids[j] for j in row.positions]
+        labels_iter = iter(zip(*by_row[i]))
+        target_ids, weights = [], []
+        for x, w, first in zip(completion, row.weighted, row.term_first):
+            if not w:
+                target_ids.append(x)
+                weights.append(0.0)
+                continue
+            t, top = next(labels_iter)
+            target_ids.append(t)
+            weights.append(1.0)
+            totals["weighted"] += 1
+            totals["changed"] += t != x
+            totals["flipped"] += t != top
+            if first:
+                totals["term_first"] += 1
+                totals["leak"] += t == x
+        totals["positions"] += len(completion)
+        columns["completion_ids"].append(completion)
+        columns["target_ids"].append(target_ids)
+        columns["token_weights"].append(weights)
+        columns["prompt_ids"].append(row.context)
+        columns["n_anchor_matches"].append(row.n_matches)
+
+    weighted = totals["weighted"]
+    stats = {
+        "rows": len(rows),
+        "positions": totals["positions"],
+        "weighted": weighted,
+        "changed": totals["changed"] / weighted if weighted else 0.0,
+        "flipped": totals["flipped"] / weighted if weighted else 0.0,
+        "term_first": totals["term_first"],
+        "leak": totals["leak"] / totals["term_first"] if totals["term_first"] else 0.0,
+        "anchor_matches": sum(r.n_matches for r in rows),
+        "alpha": alpha,
+        "repeat_penalty": repeat_penalty,
+    }
+    accelerator.print("whp_labels stats: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+    return columns, stats
