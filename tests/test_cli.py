@@ -17,7 +17,7 @@ def test_prepare_stage_writes_atomically_and_skips_when_complete(tmp_path, capsy
     marker = (out / "train.jsonl").stat().st_mtime_ns
     capsys.readouterr()
     assert main(argv) == 0  # finished: skipped, untouched
-    assert "is complete, skipped" in capsys.readouterr().err
+    assert "complete and unchanged, skipped" in capsys.readouterr().err
     assert (out / "train.jsonl").stat().st_mtime_ns == marker
 
     assert main([*argv, "--overwrite"]) == 0  # redone on request

@@ -12,11 +12,14 @@ from tokentrain.config import (
     parse_override_args,
     recipe_stages,
     recipe_variables,
-    trainer_config_class,
 )
+from tokentrain.stages import train as train_stage
 
 ROOT = Path(__file__).resolve().parents[1]
-ALL_RECIPES = sorted(p for p in (ROOT / "recipes").rglob("*") if p.is_dir() and list(p.glob("[0-9]*.yaml")))
+RECIPE_ROOTS = (ROOT / "recipes", ROOT / "tokentrain" / "shipped" / "quickstart")  # recipes/quickstart links there
+ALL_RECIPES = sorted(
+    {p for root in RECIPE_ROOTS for p in root.rglob("*") if p.is_dir() and list(p.glob("[0-9]*.yaml"))}
+)
 VARS = {"run_dir": "runs/x", "data_dir": "data", "top_dir": "runs/x"}
 
 
@@ -39,7 +42,9 @@ def _check_recipe(recipe, variables, seen):
         stage = load_stage(path, {}, variables)
         assert stage.config.output_dir.startswith(variables["run_dir"] + "/")
         seen.append(path)
-        cls = trainer_config_class(stage.config)
+        if stage.config.stage in ("sft", "train"):  # LoRA keys come with use_peft (TRL's switch)
+            train_stage._peft_config(stage)
+        cls = stage.config.trainer_config_class()
         if cls is not None:  # the trainer config really accepts every key (bf16 off: no GPU here)
             kwargs = {**stage.trainer_kwargs, "bf16": False, "gradient_checkpointing": False}
             cls(output_dir="/tmp/unused", **kwargs)

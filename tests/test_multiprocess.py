@@ -39,6 +39,20 @@ RUNS = {
         {"weighting": "rho1", "rho1_ratio": 0.6, "rho1_scope": "global", "batch": 2, "ga": 1, "steps": 2},
         {"batch": 4, "ga": 1},
     ),
+    # global ranking gathers the selected count whatever average_tokens_across_devices says: the loss must be scaled
+    # by the processes either way (before the fix, the gradient was 2x too small here).
+    "rho1_global_no_avg": (
+        {
+            "weighting": "rho1",
+            "rho1_ratio": 0.6,
+            "rho1_scope": "global",
+            "average_tokens_across_devices": False,
+            "batch": 2,
+            "ga": 1,
+            "steps": 2,
+        },
+        {"batch": 4, "ga": 1},
+    ),
     # micro_batch: each process ranks its own 2 rows, exactly like 2 accumulation micro-batches of 2 rows.
     "rho1_micro_batch": (
         {"weighting": "rho1", "rho1_ratio": 0.6, "rho1_scope": "micro_batch", "batch": 2, "ga": 1, "steps": 2},
@@ -161,9 +175,11 @@ def test_p5_two_processes_equal_one(launched, single, name):
     assert_same_run(ours, reference)
 
 
-def test_p8_rho1_global_two_processes_equal_one(launched, single):
-    """P8: `global` ranks the union of both processes' tokens, as one process does with all 4 rows."""
-    assert_same_run(launched["rho1_global"], single("rho1_global"))
+@pytest.mark.parametrize("name", ["rho1_global", "rho1_global_no_avg"])
+def test_p8_rho1_global_two_processes_equal_one(launched, single, name):
+    """P8: `global` ranks the union of both processes' tokens, as one process does with all 4 rows, with
+    average_tokens_across_devices true or false (the selected count is always the global one)."""
+    assert_same_run(launched[name], single(name))
 
 
 def test_v9_rho1_micro_batch_ranks_each_process_apart(launched, single):

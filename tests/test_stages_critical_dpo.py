@@ -13,12 +13,16 @@ import torch
 from datasets import load_from_disk
 from transformers import TrainerControl, TrainerState
 
-from tokentrain import cli
+from tokentrain import models
 from tokentrain.cli import main
 from tokentrain.config import ConfigError, load_stage
 from tokentrain.models import char_tokenizer, tiny_llama
-from tokentrain.reports import critical_dpo_mini
+from tokentrain.reports.critical_dpo import critical_dpo_mini
+from tokentrain.stages import evaluate as evaluate_stage
+from tokentrain.stages import generate as generate_stage
+from tokentrain.stages import train as train_stage
 from tokentrain.tasks.arithmetic import ALPHABET, make_problems
+from tokentrain.tasks.selection import question_hash
 
 
 def write_stage(path: Path, text: str) -> Path:
@@ -116,7 +120,7 @@ output_dir: {out}
 def counting_generate(monkeypatch, crash_on: int | None = None) -> list:
     """Replace the CLI's `generate` with one that counts its calls (one per chunk) and, with `crash_on`, raises
     RuntimeError("killed") on that call: a run killed mid-way. Returns the list of calls."""
-    real, calls = cli.generate, []
+    real, calls = models.generate, []
 
     def counted(*args, **kwargs):
         calls.append(1)
@@ -124,7 +128,7 @@ def counting_generate(monkeypatch, crash_on: int | None = None) -> list:
             raise RuntimeError("killed")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "generate", counted)
+    monkeypatch.setattr(models, "generate", counted)
     return calls
 
 
@@ -140,12 +144,13 @@ def test_generate_killed_midway_resumes_without_duplicates(arith, tmp_path, monk
     with pytest.raises(RuntimeError, match="killed"):
         main(["generate", str(stage("resumed"))])
     partial = tmp_path / "resumed.tmp" / "chunks"
-    assert sorted(p.name for p in partial.iterdir()) == ["chunk-000000.jsonl", "chunk-000001.jsonl", "settings.json"]
+    assert sorted(p.name for p in partial.iterdir()) == ["chunk-000000.jsonl", "chunk-000001.jsonl"]
+    assert (tmp_path / "resumed.tmp" / "stage.json").exists()  # the settings the partial work was started with
     assert not (tmp_path / "resumed").exists()  # nothing half-done looks finished
 
     # resuming with other sampling settings would mix two runs: refused, naming what changed
     assert main(["generate", str(stage("resumed")), "--temperature", "0.7"]) == 2
-    assert "'temperature': (1.0, 0.7)" in capsys.readouterr().err
+    assert "temperature: 1.0 then, 0.7 now" in capsys.readouterr().err
 
     monkeypatch.undo()
     calls = counting_generate(monkeypatch)
@@ -315,24 +320,24 @@ def test_evaluate_refuses_rows_that_fed_training(tmp_path, question_ids, rows, e
     stage = load_stage(write_stage(tmp_path / "e.yaml", text))
     if error:
         with pytest.raises(ConfigError, match=f"first: {error}"):
-            cli._evaluation_rows(stage)
+            evaluate_stage.evaluation_rows(stage)
     else:
-        kept = cli._evaluation_rows(stage)
+        kept = evaluate_stage.evaluation_rows(stage)
         assert kept["answer"] == ["#### 3", "#### 7"]
 
 
 def test_evaluate_leak_check_matches_question_text(tmp_path):
     samples = leak_setup(tmp_path, [0, 1, 2], samples_from=None)  # sampled train questions: ids say nothing
     summary = json.loads((samples / "generate_summary.json").read_text())
-    summary["question_hashes"] = [cli._question_hash("Question:  q5\nAnswer:")]  # row 5's prompt, other spacing
+    summary["question_hashes"] = [question_hash("Question:  q5\nAnswer:")]  # row 5's prompt, other spacing
     (samples / "generate_summary.json").write_text(json.dumps(summary))
     text = EVALUATE.format(dataset=tmp_path / "test.jsonl", rows="all", samples=samples, out=tmp_path / "e")
     stage = load_stage(write_stage(tmp_path / "e.yaml", text))  # no `question` column: prompts are compared
     with pytest.raises(ConfigError, match="1 evaluation rows \\(first: row 5\\) are questions that fed training"):
-        cli._evaluation_rows(stage)
-    summary["question_hashes"] = [cli._question_hash("Question: q99\nAnswer:")]
+        evaluate_stage.evaluation_rows(stage)
+    summary["question_hashes"] = [question_hash("Question: q99\nAnswer:")]
     (samples / "generate_summary.json").write_text(json.dumps(summary))
-    assert len(cli._evaluation_rows(stage)) == 8
+    assert len(evaluate_stage.evaluation_rows(stage)) == 8
 
 
 def test_evaluate_heldout_refuses_a_sliced_split(tmp_path):
@@ -340,7 +345,7 @@ def test_evaluate_heldout_refuses_a_sliced_split(tmp_path):
     text = EVALUATE.format(dataset=tmp_path / "test.jsonl", rows="heldout", samples=samples, out=tmp_path / "e")
     stage = load_stage(write_stage(tmp_path / "e.yaml", text + "dataset_split: train[1:]\n"))
     with pytest.raises(ConfigError, match="sliced split"):
-        cli._evaluation_rows(stage)
+        evaluate_stage.evaluation_rows(stage)
 
 
 # ----------------------------------------------------------------------------------------------- accuracy stop
@@ -362,8 +367,8 @@ def test_accuracy_stop_checks_on_schedule_and_stops_at_the_threshold(arith, tmp_
     dev = read_jsonl(arith / "dev.jsonl")
     answers = {"right": [f"A:{r['gold']}" for r in dev], "wrong": [f"A:{int(r['gold']) + 1}" for r in dev]}
     mode = {"now": "wrong"}
-    monkeypatch.setattr(cli, "generate", lambda model, tok, prompts, *a, **k: answers[mode["now"]][: len(prompts)])
-    callback = cli.AccuracyStop(stage.config, char_tokenizer(ALPHABET))
+    monkeypatch.setattr(models, "generate", lambda model, tok, prompts, *a, **k: answers[mode["now"]][: len(prompts)])
+    callback = train_stage.AccuracyStop(stage.config, char_tokenizer(ALPHABET))
     model, state = torch.nn.Linear(1, 1), TrainerState()
     for step in (5, 10, 12, 15):
         state.global_step = step
@@ -381,7 +386,7 @@ def test_accuracy_stop_needs_its_dataset_and_task(arith, tmp_path):
     text = SFT_STOP.format(data=arith, out=tmp_path / "o").replace("stop_task: arithmetic\n", "stop_task: chess\n")
     stage = load_stage(write_stage(tmp_path / "s.yaml", text))
     with pytest.raises(ConfigError, match="stop_task"):
-        cli.AccuracyStop(stage.config, char_tokenizer(ALPHABET))
+        train_stage.AccuracyStop(stage.config, char_tokenizer(ALPHABET))
 
 
 # ------------------------------------------------------------------------------------------------------- grids
@@ -405,7 +410,7 @@ def test_grid_runs_the_sub_recipe_per_value_and_resumes(tmp_path, capsys, one_th
     assert a != b  # {seed} reached the sub-recipe's stage
     capsys.readouterr()
     assert main(["run", str(tmp_path / "recipe"), "--run_dir", str(run)]) == 0
-    assert "is complete, skipped" in capsys.readouterr().err
+    assert "all 2 combinations are done" in capsys.readouterr().err
 
 
 def test_grid_variables_must_be_lists(tmp_path, capsys):
@@ -544,7 +549,7 @@ def test_generate_summary_counts(tmp_path):
     cfg = types.SimpleNamespace(
         completion_prefix=" ", samples_from="", samples_split="train", model="m", temperature=1.0
     )
-    cli._write_samples(tmp_path, samples, cfg, "01_generate")
+    generate_stage.write_samples(tmp_path, samples, cfg, "01_generate")
     summary = json.loads((tmp_path / "generate_summary.json").read_text())
     assert summary["mean_wrong_per_question"] == pytest.approx(5 / 3)
     assert summary["distinct_wrong_answers_per_erring_question"] == pytest.approx(1.5)

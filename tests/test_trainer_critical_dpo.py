@@ -579,7 +579,7 @@ def test_config_defaults_and_help(tmp_path):
     assert args.pad_to_multiple_of == 8
     inherited = {f.name for f in dataclasses.fields(DPOConfig)}
     own = [f for f in dataclasses.fields(CriticalDPOConfig) if f.name not in inherited]
-    assert [f.name for f in own] == ["reduction", "weighting", "rpo_alpha"]
+    assert [f.name for f in own] == ["reduction", "weighting", "normalisation", "rpo_alpha"]
     assert all(f.metadata["help"] for f in own)
 
 
@@ -598,3 +598,60 @@ def test_chat_pairs_answering_different_prompts_are_refused(env):
     )
     with pytest.raises(ValueError, match="^row 1: chosen and rejected differ from message 0 on"):
         make_trainer(env, data, weighting="rejected")
+
+
+# ------------------------------------------------------------------------ normalisation: the official code's loop
+
+
+def official_loop_grads(env, micro_batches, beta, rpo_alpha, accumulation):
+    """The official code's step (TRL 0.9.6 DPOTrainer, its per-position loss, the old Trainer's loss / GA), written
+    from its loop with full logits: each micro-batch's mean over its B·P positions (+ rpo_alpha times the mean NLL of
+    its chosen tokens), divided by the accumulation steps, gradients summed."""
+    from tokentrain.tokens import naive_token_logps
+
+    model = copy.deepcopy(env.policy).float().train()
+    ref = copy.deepcopy(env.ref).float().eval()
+    for mb in micro_batches:
+        labels = mb["input_ids"].masked_fill(mb["completion_mask"] == 0, -100)
+        logps = naive_token_logps(model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits, labels)
+        with torch.no_grad():
+            ref_logps = naive_token_logps(
+                ref(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits, labels
+            )
+        mask = mb["completion_mask"][:, 1:].bool()
+        delta = torch.where(mask, mb["weights"][:, 1:] * (logps - ref_logps), torch.zeros(()))
+        chosen, rejected = delta.chunk(2)
+        loss = -torch.nn.functional.logsigmoid(beta * (chosen - rejected)).mean()
+        pairs = mask.size(0) // 2
+        loss = loss + rpo_alpha * -(logps[:pairs] * mask[:pairs]).sum() / mask[:pairs].sum()
+        (loss / accumulation).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("normalisation", ["micro_batch", "global"])
+def test_micro_batch_normalisation_is_the_official_loop(env, normalisation):
+    """GA 2 over micro-batches of different padded widths: `micro_batch` gives the official code's gradient, `global`
+    (one count over the step) a different one: here the largest gradient entries differ by about half the largest."""
+    trainer = make_trainer(
+        env,
+        scored(env, rejected="random"),
+        reduction="position_mean",
+        rpo_alpha=0.5,
+        gradient_accumulation_steps=2,
+        normalisation=normalisation,
+    )
+    micro = [batch_of(trainer, [0, 3]), batch_of(trainer, [1, 2])]
+    assert micro[0]["input_ids"].shape[1] != micro[1]["input_ids"].shape[1]  # different padded widths
+    model = trainer.model.train()
+    model.zero_grad()
+    num_items = trainer._get_num_items_in_batch(micro, torch.device("cpu"))
+    for mb in micro:
+        trainer.compute_loss(model, mb, num_items_in_batch=num_items).backward()
+    ours = {n: p.grad for n, p in model.named_parameters()}
+    official = official_loop_grads(env, micro, trainer.beta, 0.5, 2)
+    gap = max((ours[n] - official[n]).abs().max().item() for n in ours)
+    scale = max(official[n].abs().max().item() for n in official)
+    if normalisation == "micro_batch":
+        assert gap < 1e-5
+    else:
+        assert gap > 0.05 * scale  # the test can tell the two normalisations apart

@@ -1,11 +1,12 @@
-"""Recipe YAML -> config dataclasses. Unknown keys and wrong types are errors that name the key; `--key value`
-overrides are typed by the field they set.
+"""Stage YAML -> config dataclasses. Unknown keys and wrong types are errors that name the key; `--key value`
+overrides are typed by the field they set; TRL and alignment-handbook key names are accepted.
 
 A recipe is a folder of numbered stage files (`01_sft_ref.yaml`, `02_score.yaml`, ...). Each file is flat: `stage`
-names the command, the stage's own keys (below) configure it, and every other key must be a field of the stage's
-trainer config (`SFTConfig`, `WeightedNTPConfig`, ...). String values may use `{run_dir}` (the recipe's output
-folder, `--run_dir`) and `{data_dir}` (the shared data folder, `--data_dir` or $TOKENTRAIN_DATA); inside a `grid`
-stage's sub-recipe also the grid's variables (`{seed}`, `{lr}`, ...).
+names the kind, the stage's own keys configure it (`tokentrain <kind> --help` lists them), and every other key must
+be a field of the stage's trainer config (`SFTConfig`, `WeightedNTPConfig`, ...). String values may use `{run_dir}`
+(the recipe's output folder, `--run_dir`), `{data_dir}` (the shared data folder, `--data_dir` or $TOKENTRAIN_DATA)
+and the recipe's own variables (`variables.yaml`); inside a `grid` stage's sub-recipe also the grid's variables
+(`{seed}`, `{lr}`, ...). Other braces (`{question}` in a row template) are left alone.
 """
 
 from __future__ import annotations
@@ -16,200 +17,15 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from .stages import STAGES, config_class
+from .stages.base import ConfigError, Stage
 
-class ConfigError(ValueError):
-    """A recipe key, value or type is wrong; the message names the file and key."""
-
-
-@dataclass
-class StageConfig:
-    """Keys common to every stage."""
-
-    stage: str = field(metadata={"help": "Command: prepare, sft, train, generate, score, evaluate, grid or report."})
-    output_dir: str = field(default="", metadata={"help": "Output folder (relative paths are under run_dir)."})
-    seed: int = field(default=0, metadata={"help": "Random seed of the stage."})
-
-
-@dataclass
-class PrepareStage(StageConfig):
-    task: str = field(
-        default="e2e",
-        metadata={"help": "'e2e' (../shared/data/e2e), 'e2e_synthetic' or 'arith_chain' (both made in code)."},
-    )
-    data_dir: str = field(default="{data_dir}", metadata={"help": "Folder of the shared data (task 'e2e')."})
-    num_rows: int = field(default=2000, metadata={"help": "Rows generated for 'e2e_synthetic'."})
-    vocab_size: int = field(default=512, metadata={"help": "Vocabulary of the tokenizer trained in code."})
-    splits: dict = field(
-        default_factory=dict,
-        metadata={"help": "arith_chain: file name -> [rows, seed], e.g. {pool: [50000, 0], dev: [200, 777]}."},
-    )
-
-
-@dataclass
-class RowsStage(StageConfig):
-    """Keys of the stages that read rows: where they come from and how prompt/completion are built."""
-
-    dataset: str = field(default="", metadata={"help": "Rows: a jsonl/json/csv file, a stage folder or a hub name."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of a hub dataset."})
-    dataset_config: str = field(default="", metadata={"help": "Config name of a hub dataset (e.g. 'main')."})
-    prompt_template: str = field(
-        default="", metadata={"help": "Build `prompt` from each row's columns, e.g. 'Question: {question}\\nAnswer:'."}
-    )
-    completion_template: str = field(
-        default="", metadata={"help": "Build `completion` from each row's columns, e.g. ' {answer}'."}
-    )
-
-
-@dataclass
-class SFTStage(RowsStage):
-    model: str = field(default="", metadata={"help": "Hub name or folder of the model to train."})
-    drop_prompt: bool = field(
-        default=False, metadata={"help": "Train on [BOS] + completion alone (PRIOR's text-only reference)."}
-    )
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank; 0 trains every weight."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "LoRA target modules: 'all-linear' or a comma-separated list."}
-    )
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    eval_holdout: int = field(
-        default=0,
-        metadata={
-            "help": "Hold out the last N rows as the eval set (with eval_strategy, load_best_model_at_end: the best "
-            "checkpoint is the one saved)."
-        },
-    )
-    stop_dataset: str = field(
-        default="", metadata={"help": "Rows graded greedily during training (with stop_task) to stop early."}
-    )
-    stop_task: str = field(default="", metadata={"help": "Grader of stop_dataset: gsm8k, math or arithmetic."})
-    stop_accuracy: float = field(
-        default=0.0, metadata={"help": "Stop training at the first check with this greedy accuracy or more."}
-    )
-    stop_check_from: int = field(default=0, metadata={"help": "First step at which the accuracy is checked."})
-    stop_check_every: int = field(default=25, metadata={"help": "Steps between accuracy checks."})
-    stop_max_new_tokens: int = field(default=64, metadata={"help": "Greedy decoding budget of the checks."})
-
-
-@dataclass
-class TrainStage(SFTStage):
-    objective: str = field(default="weighted_ntp", metadata={"help": "Objective stem (see `tokentrain --help`)."})
-
-
-@dataclass
-class GenerateStage(RowsStage):
-    model: str = field(default="", metadata={"help": "Model that samples (hub name, folder or adapter folder)."})
-    task: str = field(default="gsm8k", metadata={"help": "Grader of the samples: gsm8k, math or arithmetic."})
-    gold_column: str = field(default="answer", metadata={"help": "Column holding the gold answer."})
-    question_column: str = field(
-        default="question", metadata={"help": "Column stored as `question` (the prompt when the rows have none)."}
-    )
-    fewshot: str = field(
-        default="none", metadata={"help": "Few-shot block before each prompt while sampling: gsm8k, math or none."}
-    )
-    num_samples: int = field(default=64, metadata={"help": "Samples per question."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass (1.0 = off)."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0 = off)."})
-    max_new_tokens: int = field(default=1024, metadata={"help": "Tokens sampled at most per completion."})
-    batch_size: int = field(default=64, metadata={"help": "Sequences per generate call (questions x samples)."})
-    chunk_questions: int = field(
-        default=32, metadata={"help": "Questions per saved chunk: a killed run resumes at the first missing chunk."}
-    )
-    completion_prefix: str = field(
-        default=" ", metadata={"help": "Put before each chain in the SFT/pair rows (' ' after 'Answer:')."}
-    )
-    samples_from: str = field(
-        default="", metadata={"help": "'gsm8k_solutions': read real samples instead of generating (no model)."}
-    )
-    samples_path: str = field(
-        default="{data_dir}/gsm8k/example_model_solutions.jsonl.gz",
-        metadata={"help": "File of samples_from: gsm8k_solutions."},
-    )
-    samples_split: str = field(
-        default="train", metadata={"help": "samples_from rows: train (index % 4 != 3), heldout or all."}
-    )
-    dtype: str = field(default="auto", metadata={"help": "Model weights dtype: auto, float32 or bfloat16."})
-
-
-@dataclass
-class ScoreStage(RowsStage):
-    signal: str = field(default="ref_logps", metadata={"help": "Signal to compute: ref_logps or contrastive."})
-    model: str = field(default="", metadata={"help": "ref_logps: the frozen reference model (hub name or folder)."})
-    pos_model: str = field(default="", metadata={"help": "contrastive: the positive model (folder or adapter)."})
-    neg_model: str = field(default="", metadata={"help": "contrastive: the negative model (folder or adapter)."})
-    ce_beta: float = field(default=1.0, metadata={"help": "contrastive: b in (1+b)·z⁺ − b·z⁻."})
-    score_chosen: bool = field(default=False, metadata={"help": "contrastive: also write chosen_weights (s_t)."})
-    chunk_size: int = field(default=1024, metadata={"help": "contrastive: positions projected to logits at once."})
-    max_prompt_length: int = field(default=512, metadata={"help": "contrastive: drop rows with a longer prompt."})
-    max_length: int = field(default=1024, metadata={"help": "contrastive: drop rows with longer prompt+completion."})
-    tokenizer: str = field(default="", metadata={"help": "The policy's tokenizer (default: the reference's)."})
-    drop_prompt: bool = field(default=False, metadata={"help": "Score completions seen after [BOS] alone."})
-    batch_size: int = field(default=16, metadata={"help": "Rows per forward (sorted by length, longest first)."})
-    dtype: str = field(default="float32", metadata={"help": "Reference weights dtype: float32 or bfloat16."})
-
-
-@dataclass
-class EvaluateStage(RowsStage):
-    task: str = field(default="e2e", metadata={"help": "Grading task: e2e (slot accuracy), gsm8k, math, arithmetic."})
-    models: dict = field(default_factory=dict, metadata={"help": "name -> model folder, evaluated in order."})
-    prior_signals: str = field(
-        default="", metadata={"help": "e2e: a scored_prior dataset; adds the PRIOR weight diagnostic to eval.json."}
-    )
-    gold_column: str = field(default="answer", metadata={"help": "Column holding the gold answer (gsm8k, math)."})
-    max_new_tokens: int = field(default=80, metadata={"help": "Greedy decoding budget."})
-    batch_size: int = field(default=32, metadata={"help": "Rows per generation batch."})
-    fewshot: str = field(
-        default="none", metadata={"help": "Few-shot block before each prompt (gsm8k, math, none), as in generate."}
-    )
-    train_samples: str = field(
-        default="",
-        metadata={"help": "A generate output the models trained on: refuses evaluation rows that fed training."},
-    )
-    rows: str = field(default="all", metadata={"help": "all, or heldout (GSM8K test rows with index % 4 == 3)."})
-    question_column: str = field(
-        default="question", metadata={"help": "Column matched against train_samples' questions (else `prompt`)."}
-    )
-    heldout_nll: bool = field(default=True, metadata={"help": "Also report the models' NLL of the gold completions."})
-    dtype: str = field(default="auto", metadata={"help": "Model weights dtype: auto, float32 or bfloat16."})
-
-
-@dataclass
-class GridStage(StageConfig):
-    recipe: str = field(default="", metadata={"help": "A recipe folder run once per combination of `variables`."})
-    variables: dict = field(
-        default_factory=dict,
-        metadata={"help": "name -> list of values; `{name}` in the sub-recipe is replaced, e.g. {seed: [0, 1, 2]}."},
-    )
-    workers: int = field(default=1, metadata={"help": "Combinations run at once, each in its own process."})
-    threads: int = field(
-        default=0, metadata={"help": "torch threads per worker (0: this process's torch threads / workers)."}
-    )
-
-
-@dataclass
-class ReportStage(StageConfig):
-    report: str = field(default="critical_dpo_mini", metadata={"help": "Which report: critical_dpo_mini."})
-    inputs: str = field(default="", metadata={"help": "Folder the report reads (a grid stage's output)."})
-    options: dict = field(default_factory=dict, metadata={"help": "Report-specific settings."})
-
-
-STAGES: dict[str, type[StageConfig]] = {
-    "prepare": PrepareStage,
-    "sft": SFTStage,
-    "train": TrainStage,
-    "generate": GenerateStage,
-    "score": ScoreStage,
-    "evaluate": EvaluateStage,
-    "grid": GridStage,
-    "report": ReportStage,
-}
+__all__ = ["ConfigError", "Stage", "load_stage", "stage_from_mapping", "coerce", "parse_override_args"]
 
 
 def _hints(cls) -> dict[str, Any]:
@@ -217,21 +33,27 @@ def _hints(cls) -> dict[str, Any]:
 
 
 def coerce(value: Any, annotation: Any, key: str) -> Any:
-    """Convert `value` (YAML or a CLI string) to `annotation`, or raise ConfigError naming the key."""
+    """Convert `value` (YAML or a CLI string) to `annotation`, or raise ConfigError naming the key.
+
+    YAML null (and the string "null") is None for an optional key; the string "none" is None only where the key takes
+    no string, so TRL's `report_to: none` stays the string TRL expects.
+    """
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args):
-            if type(None) in args:
-                return None
-        errors = []
+        if type(None) in args and (
+            value is None
+            or (isinstance(value, str) and value.lower() == "null")
+            or (isinstance(value, str) and value.lower() == "none" and str not in args)
+        ):
+            return None
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                continue
         raise ConfigError(f"key {key!r}: {value!r} fits none of {annotation}")
     if annotation is bool:
         if isinstance(value, bool):
@@ -248,18 +70,21 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
                 if not isinstance(value, str)
                 else annotation(float(value) if annotation is float else int(value))
             )
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"key {key!r}: expected {annotation.__name__}, got {value!r}") from None
         if annotation is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"key {key!r}: expected an integer, got {value!r}")
         return out
     if annotation is str:
-        if isinstance(value, (dict, list)):
+        if isinstance(value, (dict, list)) or value is None:
             raise ConfigError(f"key {key!r}: expected a string, got {value!r}")
         return str(value)
     if origin in (list, dict) or annotation in (list, dict):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"key {key!r}: expected a {(origin or annotation).__name__}, got {value!r}") from None
         want = origin or annotation
         if not isinstance(value, want):
             raise ConfigError(f"key {key!r}: expected a {want.__name__}, got {value!r}")
@@ -268,12 +93,13 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def parse_override_args(argv: list[str]) -> dict[str, str]:
-    """`--key value` pairs (and `--key=value`) -> dict of strings; a bare `--flag` means true."""
+    """`--key value` pairs (and `--key=value`) -> dict of strings; a bare `--flag` means true. `--<stage>.<key>`
+    (a scoped override) keeps its dot."""
     out: dict[str, str] = {}
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if not arg.startswith("--"):
+        if not arg.startswith("--") or arg == "--":
             raise ConfigError(f"expected --key value, got {arg!r}")
         key = arg[2:]
         if "=" in key:
@@ -283,110 +109,173 @@ def parse_override_args(argv: list[str]) -> dict[str, str]:
             i += 1
         else:
             value = "true"
-        out[key.replace("-", "_")] = value
+        scope, dot, name = key.rpartition(".")
+        key = f"{scope}{dot}{name.replace('-', '_')}"
+        if key in out:
+            raise ConfigError(f"--{key} is given twice ({out[key]!r} and {value!r})")
+        out[key] = value
         i += 1
     return out
 
 
-def trainer_config_class(stage: StageConfig):
-    """The trainer config dataclass whose fields the stage's other keys set (None for stages without a trainer)."""
-    if isinstance(stage, TrainStage):
-        from .objectives import objective
-
-        try:
-            return objective(stage.objective)[0]
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-    if isinstance(stage, SFTStage):
-        from trl import SFTConfig
-
-        return SFTConfig
-    return None
+def aliases(cls) -> dict[str, str]:
+    """TRL / alignment-handbook name -> tokentrain key, from the `aliases` metadata of the stage's fields."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        for alias in f.metadata.get("aliases", ()):
+            out[alias.lstrip("-")] = f.name
+    return out
 
 
-@dataclass
-class Stage:
-    """One parsed stage file: its own keys, the trainer config keys, and where it came from."""
-
-    path: Path
-    config: StageConfig
-    trainer_kwargs: dict[str, Any]
-    variables: dict[str, str] = field(default_factory=dict)  # the recipe variables it was parsed with
-    overrides: dict[str, Any] = field(default_factory=dict)  # the command line's --key value pairs (grids pass them on)
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
+def resolve_aliases(values: dict[str, Any], cls, where: str) -> dict[str, Any]:
+    """Rename TRL/handbook keys to tokentrain's; a key given under both names with different values is an error."""
+    names = aliases(cls)
+    out = {k: v for k, v in values.items() if k not in names}
+    for alias, key in names.items():
+        if alias not in values:
+            continue
+        if key in values and values[key] != values[alias]:
+            raise ConfigError(
+                f"{where}: {key!r} and its TRL name {alias!r} are both given, with different values "
+                f"({values[key]!r} and {values[alias]!r}): keep one"
+            )
+        out[key] = values[alias]
+    return out
 
 
 def load_stage(
-    path: str | Path, overrides: dict[str, Any] | None = None, variables: dict[str, str] | None = None, strict=True
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    variables: dict[str, str] | None = None,
+    strict: bool = True,
+    kind: str | None = None,
 ) -> Stage:
-    """Parse a stage YAML; `overrides` win over the file. With `strict=False` (a recipe's shared overrides), keys the
-    stage does not know are ignored rather than errors."""
+    """Parse a stage YAML; `overrides` win over the file, `kind` (the command's stage kind) over its `stage` key.
+
+    With `strict=False` (a recipe's shared overrides), override keys the stage does not know are ignored rather than
+    errors; keys written in the file are always checked.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder: give a stage YAML file (or run the folder with `tokentrain run`)")
+    if not path.is_file():
+        raise ConfigError(f"stage file not found: {path}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of keys, got {type(raw).__name__}")
-    kind = (overrides or {}).get("stage", raw.get("stage"))
+    return stage_from_mapping(raw, path, overrides, variables, strict, kind)
+
+
+def stage_from_mapping(
+    raw: dict[str, Any],
+    path: Path | None,
+    overrides: dict[str, Any] | None = None,
+    variables: dict[str, str] | None = None,
+    strict: bool = True,
+    kind: str | None = None,
+) -> Stage:
+    """A stage from its keys (`path` None: a stage given on the command line alone, named after its kind)."""
+    where = str(path) if path is not None else f"tokentrain {kind}"
+    overrides = dict(overrides or {})
+    kind = kind or overrides.pop("stage", None) or raw.get("stage")
+    if raw.get("stage") not in (None, kind):
+        raise ConfigError(f"{where}: the file is a {raw.get('stage')!r} stage, not {kind!r}")
     if kind not in STAGES:
-        raise ConfigError(f"{path}: 'stage' must be one of {sorted(STAGES)}, got {kind!r}")
-    stage_cls = STAGES[kind]
+        raise ConfigError(f"{where}: 'stage' must be one of {sorted(STAGES)}, got {kind!r}")
+    try:
+        stage_cls = config_class(kind, {**raw, **overrides})  # a variant (score's signal, evaluate's task) decides
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    raw = resolve_aliases({k: v for k, v in raw.items() if k != "stage"}, stage_cls, where)
+    overrides = resolve_aliases(overrides, stage_cls, "command line")
+    values = {**raw, **overrides, "stage": kind}
     stage_fields = {f.name for f in dataclasses.fields(stage_cls)}
     hints = _hints(stage_cls)
-    values = {**raw, **(overrides or {})}
     variables = variables or {}
+    name = path.name if path is not None else kind
 
-    def expand(v):
+    def expand(v, key):
         if isinstance(v, str):
-            # only the recipe's variables: other braces are row templates ({question})
-            names = "|".join(map(re.escape, {"run_dir", "data_dir", *variables}))
-            return re.sub(r"\{(" + names + r")\}", lambda m: _variable(variables, m.group(1)), v)
+            return _expand(v, variables, f"{name}:{key}", strict="template" not in key)
         if isinstance(v, dict):
-            return {k: expand(x) for k, x in v.items()}
+            return {k: expand(x, key) for k, x in v.items()}
         if isinstance(v, list):
-            return [expand(x) for x in v]
+            return [expand(x, key) for x in v]
         return v
 
-    stage_values = {k: coerce(expand(v), hints[k], f"{path.name}:{k}") for k, v in values.items() if k in stage_fields}
+    stage_values = {k: coerce(expand(v, k), hints[k], f"{name}:{k}") for k, v in values.items() if k in stage_fields}
     config = stage_cls(**stage_values)
     if config.output_dir and variables.get("run_dir") and not Path(config.output_dir).is_absolute():
         config.output_dir = str(Path(variables["run_dir"]) / config.output_dir)
 
-    trainer_cls = trainer_config_class(config)
+    trainer_cls = config.trainer_config_class()
     trainer_hints = _hints(trainer_cls) if trainer_cls else {}
     trainer_kwargs = {}
     for k, v in values.items():
         if k in stage_fields:
             continue
         if k not in trainer_hints:
-            if not strict and overrides and k in overrides and k not in raw:
+            if not strict and k in overrides and k not in raw:
                 continue
             valid = sorted(stage_fields)
             close = difflib.get_close_matches(k, list(stage_fields) + list(trainer_hints), n=3)
-            where = f"fields of {trainer_cls.__name__}" if trainer_cls else "nothing else"
+            where_else = f"fields of {trainer_cls.__name__}" if trainer_cls else "nothing else"
             raise ConfigError(
-                f"{path}: unknown key {k!r}"
+                f"{where}: unknown key {k!r}"
                 + (f" (did you mean {', '.join(close)}?)" if close else "")
-                + f". Valid keys: the stage keys {valid}, and {where}."
+                + f". Valid keys: the stage keys {valid}, and {where_else} (`tokentrain {kind} --help` lists them)."
             )
-        trainer_kwargs[k] = coerce(expand(v), trainer_hints[k], f"{path.name}:{k}")
+        trainer_kwargs[k] = coerce(expand(v, k), trainer_hints[k], f"{name}:{k}")
+    given = {k for k in values if k in stage_fields or k in trainer_kwargs} - {"stage"}
     return Stage(
         path=path,
         config=config,
         trainer_kwargs=trainer_kwargs,
         variables=dict(variables),
-        overrides=dict(overrides or {}),
+        overrides=dict(overrides),
+        given=given,
     )
 
 
-def _variable(variables: dict[str, str], name: str) -> str:
-    if name not in variables:
-        raise ConfigError(f"recipe value uses {{{name}}} but it is not set here; known: {sorted(variables)}")
-    return variables[name]
+def accepted_keys(kind: str, trainer_cls=None, values: dict[str, Any] | None = None) -> set[str]:
+    """Every key a stage of `kind` (and variant, from `values`) accepts: its own, their TRL aliases, and its trainer
+    config's fields."""
+    stage_cls = config_class(kind, values)
+    keys = {f.name for f in dataclasses.fields(stage_cls)} | set(aliases(stage_cls))
+    if trainer_cls is not None:
+        keys |= {f.name for f in dataclasses.fields(trainer_cls)}
+    return keys
+
+
+_VARIABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Braces that are row templates, not recipe variables: a recipe variable is a known name or one of these.
+RESERVED_VARIABLES = ("run_dir", "data_dir", "top_dir", "parent_dir")
+
+
+def _expand(value: str, variables: dict[str, str], where: str, strict: bool = True) -> str:
+    """Replace `{name}` for the recipe's variables. With `strict` (every key but row and chat templates), an unknown
+    name in a value that looks like a path (contains '/' and no space) or is a whole `{name}` is an error: it would
+    otherwise become a folder literally named `{name}`."""
+
+    def sub(m):
+        name = m.group(1)
+        if name in variables:
+            return str(variables[name])
+        if name in RESERVED_VARIABLES:
+            raise ConfigError(f"{where}: uses {{{name}}} but it is not set here; known: {sorted(variables)}")
+        return m.group(0)
+
+    out = _VARIABLE.sub(sub, value)
+    left = _VARIABLE.findall(out)
+    if strict and left and (out.strip() == "{" + left[0] + "}" or ("/" in out and " " not in out and "\n" not in out)):
+        raise ConfigError(
+            f"{where}: {value!r} names the variable(s) {sorted(set(left))}, which are not set (known: "
+            f"{sorted(variables)}); set them in the recipe's variables.yaml or with --<name> on the command line"
+        )
+    return out
 
 
 VARIABLES_FILE = "variables.yaml"
@@ -402,7 +291,7 @@ def recipe_variables(recipe: str | Path, overrides: dict[str, Any] | None = None
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict) or not all(isinstance(v, (str, int, float, bool)) for v in raw.values()):
         raise ConfigError(f"{path}: must map variable names to single values, got {raw!r}")
-    reserved = {"run_dir", "data_dir", "top_dir", "parent_dir"} & set(raw)
+    reserved = set(RESERVED_VARIABLES) & set(raw)
     if reserved:
         raise ConfigError(f"{path}: {sorted(reserved)} are set by tokentrain, not by a recipe")
     overrides = overrides or {}

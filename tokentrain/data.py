@@ -127,20 +127,35 @@ def row_kind(example: dict[str, Any]) -> str:
     raise KeyError(f"row has none of prompt+completion, messages, text (keys: {sorted(example)})")
 
 
-def tokenize_row(example: dict[str, Any], tokenizer, chat_template: str | None = None) -> dict[str, list[int]]:
-    """`input_ids` and `labels` (-100 on the prompt) exactly as TRL 1.16 SFTTrainer prepares the row.
+def tokenize_row(
+    example: dict[str, Any], tokenizer, chat_template: str | None = None, assistant_only_loss: bool = False
+) -> dict[str, list[int]]:
+    """`input_ids` and `labels` (-100 where no loss) exactly as TRL 1.16 SFTTrainer prepares the row.
 
     Plain text: EOS appended to the completion (or text) unless present; the completion starts where the tokenised
-    prompt and prompt+completion diverge (`common_prefix_length`). Chat rows go through the chat template. Language
-    modelling rows (`text`, `messages`) train on every token. Tested against SFTTrainer's own preparation.
+    prompt and prompt+completion diverge (`common_prefix_length`). Chat rows go through the chat template with the
+    row's `tools` and `chat_template_kwargs`, as TRL passes them. Language modelling rows (`text`, `messages`) train on
+    every token; with `assistant_only_loss` (chat rows only, as TRL) only on the tokens the template marks as the
+    assistant's (`{% generation %}`), a row without any being an error as in TRL. Tested against SFTTrainer's own
+    preparation.
     """
     kind = row_kind(example)
-    kwargs = {"chat_template": chat_template}
+    conversational = is_conversational(example)
+    if assistant_only_loss and not conversational:
+        raise ValueError("assistant_only_loss=True needs conversational rows (messages, or chat prompt/completion)")
+    kwargs: dict[str, Any] = {"chat_template": chat_template}
+    if conversational:
+        tools = example.get("tools")
+        kwargs["tools"] = json.loads(tools) if isinstance(tools, str) else tools
+        kwargs.update(example.get("chat_template_kwargs") or {})
+    mask_kwargs = {"return_assistant_tokens_mask": True} if assistant_only_loss else {}
+    assistant = None
     if kind == "prompt_completion":
         prompt, completion = example["prompt"], example["completion"]
-        if is_conversational(example):
+        if conversational:
             prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
-            ids = _tokenize(tokenizer, prompt + completion, **kwargs)["input_ids"]
+            processed = _tokenize(tokenizer, prompt + completion, **mask_kwargs, **kwargs)
+            ids, assistant = processed["input_ids"], processed.get("assistant_masks")
         else:
             if not completion.endswith(tokenizer.eos_token):
                 completion = completion + tokenizer.eos_token
@@ -148,15 +163,30 @@ def tokenize_row(example: dict[str, Any], tokenizer, chat_template: str | None =
             ids = _tokenize(tokenizer, prompt + completion, **kwargs)["input_ids"]
         prompt_len = common_prefix_length(prompt_ids, ids)
         labels = [IGNORE_INDEX] * prompt_len + list(ids[prompt_len:])
-        return {"input_ids": list(ids), "labels": labels}
-    if kind == "messages":
-        ids = _tokenize(tokenizer, example["messages"], **kwargs)["input_ids"]
     else:
-        text = example["text"]
-        if not text.endswith(tokenizer.eos_token):
-            text = text + tokenizer.eos_token
-        ids = _tokenize(tokenizer, text, **kwargs)["input_ids"]
-    return {"input_ids": list(ids), "labels": list(ids)}
+        if kind == "messages":
+            processed = _tokenize(tokenizer, example["messages"], **mask_kwargs, **kwargs)
+            ids, assistant = processed["input_ids"], processed.get("assistant_masks")
+        else:
+            text = example["text"]
+            if not text.endswith(tokenizer.eos_token):
+                text = text + tokenizer.eos_token
+            ids = _tokenize(tokenizer, text, **kwargs)["input_ids"]
+        labels = list(ids)
+    if assistant_only_loss:
+        if assistant is None or 1 not in assistant:
+            raise ValueError(
+                "assistant_only_loss=True, but a row has no assistant tokens: the chat template must mark the "
+                "assistant's turns with {% generation %} ... {% endgeneration %} (TRL raises the same)"
+            )
+        labels = [lab if bit else IGNORE_INDEX for lab, bit in zip(labels, assistant)]
+    return {"input_ids": list(ids), "labels": labels}
+
+
+def context_ids_of(input_ids: list[int], labels: list[int]) -> list[int]:
+    """The row's tokens that are not targets, in order (a prompt/completion row: its prompt): the context the stored
+    signals were computed in, which `prompt_ids` holds beside `completion_ids`."""
+    return [t for p, (t, lab) in enumerate(zip(input_ids, labels)) if p == 0 or lab == IGNORE_INDEX]
 
 
 def completion_ids_of(input_ids: list[int], labels: list[int]) -> list[int]:
@@ -171,9 +201,20 @@ def target_positions(labels: list[int]) -> list[int]:
 # ---------------------------------------------------------------------------------------------------- signal columns
 
 
+# Token weights above this draw a warning (a weight multiplies its token's step, like a learning-rate factor).
+WEIGHT_WARN = 100.0
+
+
+def _numbers(values, row: int, column: str) -> list:
+    for j, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"row {row}, column {column!r}, position {j}: {v!r} is not a number")
+    return values
+
+
 def _check_logps(values: list[float], row: int, column: str) -> list[float]:
     out = []
-    for j, v in enumerate(values):
+    for j, v in enumerate(_numbers(values, row, column)):
         if not math.isfinite(v) or v > 1e-6:
             raise ValueError(
                 f"row {row}, column {column!r}, position {j}: {v!r} is not a log-probability (finite, <= 0)"
@@ -183,7 +224,7 @@ def _check_logps(values: list[float], row: int, column: str) -> list[float]:
 
 
 def _check_weights(values: list[float], row: int, column: str) -> list[float]:
-    for j, v in enumerate(values):
+    for j, v in enumerate(_numbers(values, row, column)):
         if not math.isfinite(v) or v < 0:
             raise ValueError(f"row {row}, column {column!r}, position {j}: weight {v!r} must be finite and >= 0")
     return list(values)
@@ -199,7 +240,12 @@ SIGNAL_CHECKS = {
 
 
 def check_alignment(stored: list[int], own: list[int], row: int, column: str, tokenizer) -> None:
-    """Stored signal ids must equal the trainer's own completion tokens; the error shows the first difference."""
+    """Stored signal ids must equal the trainer's own tokens; the error shows the first difference."""
+    if stored is None or any(isinstance(t, bool) or not isinstance(t, int) for t in stored):
+        bad = (
+            "None" if stored is None else repr(next(t for t in stored if isinstance(t, bool) or not isinstance(t, int)))
+        )
+        raise SignalAlignmentError(f"row {row}: column {column!r} must hold integer token ids, found {bad}")
     if list(stored) == list(own):
         return
     j = next((i for i, (a, b) in enumerate(zip(stored, own)) if a != b), min(len(stored), len(own)))
@@ -234,10 +280,13 @@ def prepare_sft_dataset(
     packing: bool = False,
     chat_template: str | None = None,
     name: str = "train",
+    assistant_only_loss: bool = False,
 ) -> Dataset:
     """Tokenise rows, verify and expand signals to full-row columns, truncate them with the tokens, drop empty rows.
 
-    Output columns: `input_ids`, `labels` and one float column per signal (same length as `input_ids`; packed with
+    With signal columns, the stored `completion_ids` (and `prompt_ids`, the row's other tokens, when the scoring pass
+    wrote them) must equal this tokenisation: the signals' targets and the context they were computed in. Output
+    columns: `input_ids`, `labels` and one float column per signal (same length as `input_ids`; packed with
     `seq_lengths` when `packing`, which is always TRL's `bfd`: sequences are never split, so per-sequence quantities
     stay whole). Rows whose completion is empty or fully truncated are dropped and counted in the log.
     """
@@ -245,14 +294,17 @@ def prepare_sft_dataset(
         require_columns(dataset, [ids_column, *signal_columns], hint="the score stage writes them (`tokentrain score`)")
     if truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
-    zero_weight_rows = []
+    zero_weight_rows, large_weight_rows = [], []
+    check_prompt = bool(signal_columns) and "prompt_ids" in dataset.column_names
 
     def process(example, idx):
-        out = tokenize_row(example, tokenizer, chat_template)
+        out = tokenize_row(example, tokenizer, chat_template, assistant_only_loss)
         ids, labels = out["input_ids"], out["labels"]
         if signal_columns:
             own = completion_ids_of(ids, labels)
             check_alignment(example[ids_column], own, idx, ids_column, tokenizer)
+            if check_prompt:
+                check_alignment(example["prompt_ids"], context_ids_of(ids, labels), idx, "prompt_ids", tokenizer)
             positions = target_positions(labels)
             for col in signal_columns:
                 values = example[col]
@@ -262,6 +314,8 @@ def prepare_sft_dataset(
                 values = SIGNAL_CHECKS.get(col, _check_weights)(values, idx, col)
                 if col in ("token_weights",) and own and not any(values):
                     zero_weight_rows.append(idx)
+                if col.endswith("weights") and values and max(values) > WEIGHT_WARN:
+                    large_weight_rows.append((idx, max(values)))
                 full = [0.0] * len(ids)
                 for p, v in zip(positions, values):
                     full[p] = float(v)
@@ -299,6 +353,17 @@ def prepare_sft_dataset(
             name,
             len(zero_weight_rows),
             zero_weight_rows[:10],
+        )
+    if large_weight_rows:
+        top = max(large_weight_rows, key=lambda r: r[1])
+        logger.warning(
+            "%s: %d rows have token weights above %g (largest %g, row %d): a weight that large multiplies the "
+            "learning rate of its token; check the weights are meant to be on this scale",
+            name,
+            len(large_weight_rows),
+            WEIGHT_WARN,
+            top[1],
+            top[0],
         )
     processed = processed.select_columns(keep)
     if packing:

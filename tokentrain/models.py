@@ -7,6 +7,7 @@ Llama-style model from a config, saved to a folder so that every later stage loa
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -109,9 +110,9 @@ def build_tiny(out_dir: str | Path, texts: Iterable[str], vocab_size: int = 512,
     return out_dir
 
 
-def load_tokenizer(name_or_path: str | Path):
+def load_tokenizer(name_or_path: str | Path, revision: str = "main", trust_remote_code: bool = False):
     """The tokenizer of a hub model or folder; a pad token is set to EOS when the tokenizer has none."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -123,21 +124,38 @@ def load_model(
     adapter: str | Path | None = None,
     merge_adapter: bool = False,
     trainable: bool = True,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str = "main",
+    in_engine: bool = False,
 ):
     """A causal LM by hub name or path; `adapter` loads a PEFT adapter on top (merged if `merge_adapter`).
 
     A folder holding only a PEFT adapter (what a LoRA `sft`/`train` stage writes) loads its base model, named in
     `adapter_config.json`, with the adapter on top. Frozen auxiliary models (`trainable=False`) are put in eval mode
-    with gradients off.
+    with gradients off. `dtype`: auto, float32, bfloat16 or float16. A frozen model loads whole even under ZeRO-3
+    (`outside_zero3_init`), unless `in_engine`: a trainer's auxiliary model that it wraps in a DeepSpeed engine as TRL
+    wraps a reference model (`prepare_deepspeed`), which is then loaded partitioned like the policy.
     """
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be one of auto, float32, bfloat16, float16; got {dtype!r}")
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    adapter_config = Path(str(name_or_path)) / "adapter_config.json"
+    path = Path(str(name_or_path))
+    adapter_config = path / "adapter_config.json"
     if adapter is None and adapter_config.exists():
         import json
 
         adapter, name_or_path = name_or_path, json.loads(adapter_config.read_text())["base_model_name_or_path"]
         logger.info("%s is a PEFT adapter: loading its base %s under it", adapter, name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(str(name_or_path), dtype=torch_dtype)
+    elif path.is_dir() and not (path / "config.json").exists():
+        raise FileNotFoundError(
+            f"{path} is a folder without config.json: not a model (a dataset folder, or an unfinished output?)"
+        )
+    kwargs = {"dtype": torch_dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    with contextlib.nullcontext() if trainable or in_engine else outside_zero3_init():
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     if adapter is not None:
         from peft import PeftModel
 
@@ -148,6 +166,21 @@ def load_model(
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+@contextlib.contextmanager
+def outside_zero3_init():
+    """Load a frozen model whole, even after a ZeRO-3 training stage in this process: transformers would otherwise
+    build it under `deepspeed.zero.Init` (partitioned weights), which only a DeepSpeed engine can run. The scoring,
+    generate and evaluate stages use their models outside any engine."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
 
 
 def vocab_size(model) -> int:
@@ -167,13 +200,28 @@ def check_same_vocab(tokenizer, model, what: str, model_tokenizer=None) -> None:
             f"{what} has {n_model} embedding rows but the policy tokenizer has {n_tok} tokens: "
             "its ids would not mean the same tokens. Use a model of the same tokenizer family."
         )
-    if model_tokenizer is not None and model_tokenizer.get_vocab() != tokenizer.get_vocab():
-        own, policy = model_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if model_tokenizer is None:
+        return
+    own, policy = model_tokenizer.get_vocab(), tokenizer.get_vocab()
+    if own != policy:
         diff = sorted(set(own.items()) ^ set(policy.items()), key=lambda kv: kv[1])[:3]
         raise ValueError(
             f"{what}'s tokenizer ({len(own)} tokens) differs from the policy tokenizer ({len(policy)} tokens), "
             f"e.g. {diff}: its scores would belong to other token ids. Use fine-tunes of the policy's base model."
         )
+    for name in ("bos_token", "eos_token", "unk_token"):
+        a, b = getattr(model_tokenizer, name, None), getattr(tokenizer, name, None)
+        if a != b:
+            raise ValueError(
+                f"{what}'s tokenizer has {name} {a!r} where the policy tokenizer has {b!r}: the two read the same ids "
+                "differently (e.g. where a sequence starts or ends). Use fine-tunes of the policy's base model."
+            )
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    """Whether `path` brings its own tokenizer (a hub name is assumed to)."""
+    folder = Path(str(path))
+    return not folder.is_dir() or any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
 def _stop_criteria(tokenizer, stop_strings, prompt_width: int):

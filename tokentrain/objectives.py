@@ -11,13 +11,26 @@ import importlib
 OBJECTIVES: dict[str, tuple[str, str, str]] = {
     "weighted_ntp": ("tokentrain.trainers.weighted_ntp", "WeightedNTPConfig", "WeightedNTPTrainer"),
     "critical_dpo": ("tokentrain.trainers.critical_dpo", "CriticalDPOConfig", "CriticalDPOTrainer"),
+    "concept_heads": ("tokentrain.trainers.concept_heads", "ConceptHeadsConfig", "ConceptHeadsTrainer"),
+    "aligndistil": ("tokentrain.trainers.aligndistil", "AlignDistilConfig", "AlignDistilTrainer"),
+    "unlearning": ("tokentrain.trainers.unlearning", "UnlearningConfig", "UnlearningTrainer"),
+}
+
+# TRL's own trainers, for `stage: train` with a TRL or alignment-handbook YAML (`objective: sft` or `dpo`) and for
+# the baselines of the recipes. Not token-level objectives: the per-objective tests and benchmarks skip them.
+BASELINES: dict[str, tuple[str, str, str]] = {
+    "sft": ("trl", "SFTConfig", "SFTTrainer"),
+    "dpo": ("trl", "DPOConfig", "DPOTrainer"),
 }
 
 
 def objective(stem: str) -> tuple[type, type]:
     """(config class, trainer class) of `stem`; an unknown stem is a ValueError listing the known ones."""
-    if stem not in OBJECTIVES:
-        raise ValueError(f"objective {stem!r} is unknown; valid: {sorted(OBJECTIVES)}")
-    module, config, trainer = OBJECTIVES[stem]
+    known = {**OBJECTIVES, **BASELINES}
+    if stem not in known:
+        raise ValueError(
+            f"objective {stem!r} is unknown; valid: {sorted(OBJECTIVES)} or the TRL baselines {sorted(BASELINES)}"
+        )
+    module, config, trainer = known[stem]
     mod = importlib.import_module(module)
     return getattr(mod, config), getattr(mod, trainer)

@@ -1,6 +1,4 @@
-"""`stage: report`: tables that aggregate the outputs of a grid of runs.
-
-`critical_dpo_mini` (spec critical_dpo section 7) reads the mini experiment's folders:
+"""`report: critical_dpo_mini` (spec critical_dpo section 7) reads the mini experiment's folders:
 
     <inputs>/seed<s>/samples/generate_summary.json        pairs, |D_p|, |D_n|, wrong samples per question
     <inputs>/seed<s>/pairs_scored/signal_meta.json        mean rejected weight
@@ -136,6 +134,3 @@ def critical_dpo_mini(inputs: str | Path, options: dict[str, Any]) -> tuple[dict
             f"{100 * r['rejected_weight_above_half']:.1f}% |"
         )
     return results, "\n".join(lines)
-
-
-REPORTS = {"critical_dpo_mini": critical_dpo_mini}

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # launch.sh: run a tokentrain recipe with `accelerate launch`, on this machine or on every node of a SLURM job.
 #
-#   bash launch.sh [--dry-run] RECIPE [--key value ...]
+#   bash launch.sh [--dry-run] [--accelerate_config NAME|PATH] RECIPE [--key value ...]
 #
 # runs
 #
 #   accelerate launch --config_file "$ACCEL_CONFIG" [topology flags] -m tokentrain.cli run RECIPE [--key value ...]
 #
 # Environment:
-#   ACCEL_CONFIG   accelerate config (default: accelerate_configs/ddp.yaml beside this script; a relative path is
-#                  looked up from the current directory, then from this script's directory)
+#   ACCEL_CONFIG   accelerate config: a shipped config's name (cpu, ddp, fsdp2, zero2, zero3) or a file (default: ddp;
+#                  a relative path is looked up from the current directory, then from this script's directory);
+#                  --accelerate_config NAME|PATH does the same and wins over the variable
 #   DRY_RUN=1      print the command and exit 0 (same as --dry-run)
 #   GPUS_PER_NODE  processes (GPUs) per node under SLURM (default: SLURM_GPUS_ON_NODE, else `nvidia-smi -L`, else 1)
 #   MASTER_PORT    rendezvous port under SLURM (default 29500)
@@ -38,16 +39,18 @@ SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
     cat <<EOF
-usage: bash launch.sh [--dry-run] RECIPE [--key value ...]
+usage: bash launch.sh [--dry-run] [--accelerate_config NAME|PATH] RECIPE [--key value ...]
 
 Runs: accelerate launch --config_file "\$ACCEL_CONFIG" [SLURM topology flags] -m tokentrain.cli run RECIPE [--key value ...]
 
   RECIPE           a recipe folder or stage YAML (e.g. recipes/quickstart/)
   --key value      overrides passed on to \`tokentrain run\` (e.g. --max_steps 3)
   --dry-run        print the command and exit (or DRY_RUN=1)
+  --accelerate_config NAME|PATH
+                   a shipped config by name (cpu, ddp, fsdp2, zero2, zero3) or a config file (or ACCEL_CONFIG)
   -h, --help       this help
 
-Environment: ACCEL_CONFIG (default accelerate_configs/ddp.yaml beside this script), DRY_RUN,
+Environment: ACCEL_CONFIG (a name or file; default ddp), DRY_RUN,
 and under SLURM: GPUS_PER_NODE (default SLURM_GPUS_ON_NODE, nvidia-smi -L, 1), MASTER_PORT (default 29500).
 Under SLURM run one task per node: srun --ntasks-per-node=1 bash launch.sh RECIPE ...
 EOF
@@ -59,27 +62,43 @@ die() { # message, exit status
 }
 
 dry_run="${DRY_RUN:-0}"
-case "${1:-}" in
-    -h | --help)
-        usage
-        exit 0
-        ;;
-    --dry-run)
-        dry_run=1
-        shift
-        ;;
-esac
+accel_config="${ACCEL_CONFIG:-ddp}"
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        -h | --help)
+            usage
+            exit 0
+            ;;
+        --dry-run)
+            dry_run=1
+            shift
+            ;;
+        --accelerate_config | --accelerate-config)
+            [[ $# -ge 2 ]] || die "--accelerate_config needs a name (cpu, ddp, fsdp2, zero2, zero3) or a file" 2
+            accel_config="$2"
+            shift 2
+            ;;
+        *)
+            break
+            ;;
+    esac
+done
 if [[ $# -eq 0 || "$1" == -* ]]; then
     usage >&2
     die "missing RECIPE (the first argument after the options of launch.sh)" 2
 fi
 
 # ---------------------------------------------------------------------------------------------------- config
-accel_config="${ACCEL_CONFIG:-$SCRIPT_DIR/accelerate_configs/ddp.yaml}"
-if [[ ! -f "$accel_config" && "$accel_config" != /* && -f "$SCRIPT_DIR/$accel_config" ]]; then
+# a shipped config by name (zero3 -> accelerate_configs/zero3.yaml beside this script), else a file
+if [[ "$accel_config" =~ ^[A-Za-z0-9_-]+$ && -f "$SCRIPT_DIR/accelerate_configs/$accel_config.yaml" && ! -f "$accel_config" ]]; then
+    accel_config="$SCRIPT_DIR/accelerate_configs/$accel_config.yaml"
+elif [[ ! -f "$accel_config" && "$accel_config" != /* && -f "$SCRIPT_DIR/$accel_config" ]]; then
     accel_config="$SCRIPT_DIR/$accel_config"
 fi
-[[ -f "$accel_config" ]] || die "ACCEL_CONFIG not found: $accel_config" 2
+if [[ ! -f "$accel_config" ]]; then
+    names="$(cd "$SCRIPT_DIR/accelerate_configs" 2>/dev/null && ls *.yaml 2>/dev/null | sed 's/\.yaml$//' | tr '\n' ' ')"
+    die "accelerate config not found: $accel_config (shipped names: ${names% })" 2
+fi
 
 env_prefix=()
 if grep -Eq '^use_cpu:[[:space:]]*true' "$accel_config"; then

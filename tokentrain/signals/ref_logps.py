@@ -104,3 +104,12 @@ def score_ref_logps(
     by_row = dict(gathered)
     ref_logps = [by_row[i] for i in range(len(views))]
     return [v["completion_ids"] for v in views], ref_logps
+
+
+def policy_prompt_ids(dataset, tokenizer, chat_template=None) -> list[list[int]]:
+    """Per row, the policy's tokens that are not targets (its prompt): stored as `prompt_ids` beside `completion_ids`
+    so that the trainer also checks the context the reference scored (a BOS-adding tokenizer, an edited prompt or a
+    changed user turn is then an alignment error, not silent training)."""
+    from ..data import context_ids_of
+
+    return [context_ids_of(**tokenize_row(row, tokenizer, chat_template)) for row in dataset]

@@ -34,3 +34,21 @@ def accuracy(results: Iterable[Verdict]) -> dict[str, int | float]:
     if total == 0:
         raise ValueError("accuracy of no results: nothing was graded")
     return {**counts, "accuracy": counts["correct"] / total}
+
+
+def gold_answers(rows, task: str, gold_column: str, source: str, label: Callable[[int], str]) -> list[str]:
+    """The canonical gold answer of every row (`task`'s parser); a missing `prompt` or gold column, or a gold that
+    does not parse, is an error naming the row (`label(i)`), raised before any model is loaded."""
+    missing = [c for c in ("prompt", gold_column) if c not in rows.column_names]
+    if missing:
+        raise KeyError(
+            f"{source}: rows need column(s) {missing} (have {rows.column_names}); build `prompt` with "
+            "prompt_template, name the gold column with gold_column"
+        )
+    golds = []
+    for i, gold in enumerate(rows[gold_column]):
+        try:
+            golds.append(TASKS[task].gold_answer(str(gold)))
+        except ValueError as e:
+            raise ValueError(f"{source}: {label(i)}: {e}") from None
+    return golds

@@ -21,6 +21,7 @@ prompt is a clean token prefix of prompt + completion (TRL cuts the prompt other
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import math
 from collections.abc import Iterable
@@ -163,3 +164,9 @@ def samples_from_gsm8k_solutions(path: str | Path, split: str = "train") -> list
                 }
             )
     return samples
+
+
+def question_hash(text) -> str:
+    """A question's identity across files: sha1 of its whitespace-normalised text (chat prompts: their JSON)."""
+    text = text if isinstance(text, str) else json.dumps(text, sort_keys=True)
+    return hashlib.sha1(" ".join(text.split()).encode()).hexdigest()

@@ -84,6 +84,7 @@ class TokenSFTTrainer(SFTTrainer):
             packing=packing,
             chat_template=self.chat_template,
             name=dataset_name,
+            assistant_only_loss=args.assistant_only_loss,
         )
         if args.shuffle_dataset:
             dataset = dataset.shuffle(seed=args.seed)
@@ -124,6 +125,12 @@ class TokenSFTTrainer(SFTTrainer):
             count = self.accelerator.gather(count).sum()
         return count
 
+    def normaliser_spans_processes(self) -> bool:
+        """Whether the count from `_get_num_items_in_batch` is summed over the processes (then each process's loss
+        is scaled by their number, against DDP's gradient average); TRL's rule: only with
+        average_tokens_across_devices. A subclass whose count is always global says so."""
+        return self.args.average_tokens_across_devices
+
     # ------------------------------------------------------------------------------------------------------ loss
 
     def token_loss(self, logps, mask, signals, inputs, num_items):
@@ -147,8 +154,8 @@ class TokenSFTTrainer(SFTTrainer):
         if num_items_in_batch is None:
             num_items_in_batch = self.count_items(inputs)
         loss, metrics = self.token_loss(logps, mask, signals, inputs, num_items_in_batch)
-        if self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes
+        if self.normaliser_spans_processes():
+            loss = loss * self.accelerator.num_processes  # DDP averages the gradients of a count over every process
 
         with torch.no_grad():
             metrics["nll"] = (-logps.detach().sum(), mask.sum())
@@ -169,6 +176,11 @@ def _refuse_unsupported(args: SFTConfig) -> None:
         problems.append("label_smoothing_factor needs full logits and changes the per-token NLL; set it to 0")
     if args.completion_only_loss is False:
         problems.append("completion_only_loss=False would train on prompts, which carry no signal")
+    if (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        problems.append(
+            "dataset_kwargs={'skip_prepare_dataset': True} would skip the tokenisation that checks the stored ids "
+            "and places each signal on its token: pass prompt/completion, messages or text rows instead"
+        )
     if args.packing and args.packing_strategy != "bfd":
         problems.append(
             f"packing_strategy={args.packing_strategy!r} splits sequences, breaking per-sequence normalisation and "

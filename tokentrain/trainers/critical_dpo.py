@@ -36,6 +36,7 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 
 from ..data import check_alignment, check_pair_prompt, require_columns
 from ..losses.critical_dpo import REDUCTIONS, token_weighted_dpo_loss
+from ..papers import PAPERS
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +81,17 @@ class CriticalDPOConfig(DPOConfig):
             "choices": list(WEIGHTINGS),
         },
     )
+    normalisation: str = field(
+        default="global",
+        metadata={
+            "help": "'global' (the step's summed loss divided once by its total count of units over every "
+            "micro-batch and process: batch 4 x GA 1 = batch 1 x GA 4 = 2 processes x 2) or 'micro_batch' (the "
+            "official code's TRL 0.9.6 loop: each micro-batch's mean, averaged over accumulation steps and "
+            "processes; differs from 'global' when micro-batches hold different numbers of units, e.g. padded "
+            "widths under position_mean). The rpo_alpha term follows the same choice.",
+            "choices": ["global", "micro_batch"],
+        },
+    )
     rpo_alpha: float | None = field(
         default=None,
         metadata={
@@ -94,6 +106,8 @@ class CriticalDPOConfig(DPOConfig):
             problems.append(f"reduction must be one of {list(REDUCTIONS)}, got {self.reduction!r}")
         if self.weighting not in WEIGHTINGS:
             problems.append(f"weighting must be one of {list(WEIGHTINGS)}, got {self.weighting!r}")
+        if self.normalisation not in ("global", "micro_batch"):
+            problems.append(f"normalisation must be 'global' or 'micro_batch', got {self.normalisation!r}")
         if self.rpo_alpha is not None and not (math.isfinite(self.rpo_alpha) and self.rpo_alpha >= 0):
             problems.append(f"rpo_alpha must be None (off) or a finite value >= 0, got {self.rpo_alpha!r}")
         if not self.beta > 0:
@@ -188,6 +202,7 @@ class CriticalDPOTrainer(DPOTrainer):
 
     _tag_names = ["trl", "dpo", "tokentrain", "critical_dpo"]
     _name = "Critical-token DPO"
+    _paper = PAPERS["critical_dpo"]
     # compute_loss divides by the step's global count, so Trainer must not divide by the accumulation steps again
     loss_is_scaled_for_ga = True
 
@@ -251,7 +266,7 @@ class CriticalDPOTrainer(DPOTrainer):
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         used = WEIGHT_COLUMNS[args.weighting]
-        if not isinstance(dataset, Dataset):
+        if not isinstance(dataset, Dataset):  # an IterableDataset: no row can be checked or counted in advance
             if used:
                 raise ValueError(
                     f"the {dataset_name} dataset is a {type(dataset).__name__}: weights need a map-style Dataset, "
@@ -261,23 +276,28 @@ class CriticalDPOTrainer(DPOTrainer):
         unused = [c for c in ALL_WEIGHT_COLUMNS if c in dataset.column_names and c not in used]
         if unused:  # also changes the fingerprint, so TRL's precompute cache differs between weightings
             dataset = dataset.remove_columns(unused)
-        if not used:
-            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-
-        stage = "`tokentrain score` with `signal: contrastive`" + (
-            ", `score_chosen: true`" if "chosen_weights" in used else ""
-        )
-        hint = f"weighting={args.weighting!r} reads them from the {dataset_name} dataset; {stage} writes them"
-        require_columns(dataset, ["chosen_ids", "rejected_ids", *used], hint=hint)
-        if len(dataset) and isinstance(dataset[0]["chosen"], list):  # chat rows: one shared prompt per pair
-            text_columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
-            for i, example in enumerate(dataset.select_columns(text_columns)):
-                check_pair_prompt(example, i)
-        # TRL's tokenisation writes prompt_ids/chosen_ids/rejected_ids: keep the stored ones aside, and each row's index
-        stored = [c for c in ID_COLUMNS if c in dataset.column_names]  # prompt_ids is optional
-        dataset = dataset.rename_columns({c: _stored(c) for c in stored})
-        dataset = dataset.add_column(_ROW, list(range(len(dataset))))
+        dataset = _drop_empty_sides(dataset, processing_class, dataset_name)
+        stored = []
+        if used:
+            stage = "`tokentrain score` with `signal: contrastive`" + (
+                ", `score_chosen: true`" if "chosen_weights" in used else ""
+            )
+            hint = f"weighting={args.weighting!r} reads them from the {dataset_name} dataset; {stage} writes them"
+            require_columns(dataset, ["chosen_ids", "rejected_ids", *used], hint=hint)
+            if len(dataset) and isinstance(dataset[0]["chosen"], list):  # chat rows: one shared prompt per pair
+                text_columns = [c for c in ("prompt", "chosen", "rejected") if c in dataset.column_names]
+                for i, example in enumerate(dataset.select_columns(text_columns)):
+                    check_pair_prompt(example, i)
+            # TRL's tokenisation writes prompt_ids/chosen_ids/rejected_ids: keep the stored ones aside
+            stored = [c for c in ID_COLUMNS if c in dataset.column_names]  # prompt_ids is optional
+            dataset = dataset.rename_columns({c: _stored(c) for c in stored})
+        if _ROW not in dataset.column_names:
+            dataset = dataset.add_column(_ROW, list(range(len(dataset))))
+        before = dataset[_ROW]
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        _report_length_drops(dataset, before, args, dataset_name)
+        if not used:
+            return dataset.remove_columns(_ROW)
 
         tokenizer = self._tokenizer
 
@@ -398,12 +418,16 @@ class CriticalDPOTrainer(DPOTrainer):
         out = token_weighted_dpo_loss(
             logps, ref_logps, mask, weights, self.beta, self.args.reduction, rpo_alpha=self.args.rpo_alpha
         )
-        counts = num_items_in_batch if num_items_in_batch is not None else self._count_units(inputs)
-        loss = out.loss_sum / counts[0]
-        if out.nll_sum is not None:
-            loss = loss + self.args.rpo_alpha * out.nll_sum / counts[1].clamp(min=1)
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients
+        if self.args.normalisation == "micro_batch" and model.training:
+            # the official loop: this micro-batch's mean, / GA by the Trainer of its time; DDP averages the processes
+            loss = out.loss / self.args.gradient_accumulation_steps
+        else:
+            counts = num_items_in_batch if num_items_in_batch is not None else self._count_units(inputs)
+            loss = out.loss_sum / counts[0]
+            if out.nll_sum is not None:
+                loss = loss + self.args.rpo_alpha * out.nll_sum / counts[1].clamp(min=1)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes  # DDP averages the processes' gradients
 
         self._log_metrics(inputs, outputs, logps, ref_logps, mask, weights, out)
         if return_outputs:  # TRL's deprecated path: logits for compute_metrics, recomputed with a plain forward
@@ -481,3 +505,58 @@ def _check_weights(values, num_ids: int, row: int, column: str) -> None:
             raise ValueError(
                 f"row {row}, column {column!r} ({side} side), position {j}: weight {v!r} must be finite and in [0, 1]"
             )
+
+
+def _is_empty(text, eos: str) -> bool:
+    if isinstance(text, list):  # chat messages
+        return all(not (m.get("content") if isinstance(m, dict) else m) for m in text)
+    return text in ("", eos)
+
+
+def _drop_empty_sides(dataset: Dataset, tokenizer, name: str) -> Dataset:
+    """Pairs whose chosen or rejected response is empty (TRL would train the EOS alone as that response) are dropped
+    and counted, as weighted_ntp drops empty completions."""
+    eos = tokenizer.eos_token
+    if _ROW not in dataset.column_names:
+        dataset = dataset.add_column(_ROW, list(range(len(dataset))))
+    empty = [
+        i
+        for i, (c, r) in enumerate(zip(dataset["chosen"], dataset["rejected"]))
+        if _is_empty(c, eos) or _is_empty(r, eos)
+    ]
+    if not empty:
+        return dataset
+    if len(empty) == len(dataset):
+        raise ValueError(f"{name}: every one of the {len(dataset)} pairs has an empty chosen or rejected response")
+    logger.warning(
+        "%s: %d of %d pairs have an empty chosen or rejected response and are dropped; first rows: %s",
+        name,
+        len(empty),
+        len(dataset),
+        empty[:10],
+    )
+    drop = set(empty)
+    return dataset.select([i for i in range(len(dataset)) if i not in drop])
+
+
+def _report_length_drops(dataset: Dataset, before: list[int], args, name: str) -> None:
+    """TRL drops pairs whose prompt alone fills `max_length` (keep_start truncation): count them, name the first
+    (`before`: the input row of each pair handed to TRL), and refuse when none is left (PyTorch would only say
+    num_samples=0)."""
+    dropped = sorted(set(before) - set(dataset[_ROW]))
+    if not dropped:
+        return
+    first = dropped[:10]
+    if not len(dataset):
+        raise ValueError(
+            f"{name}: all {len(before)} pairs were dropped because their prompt alone fills max_length={args.max_length}: "
+            "raise max_length (or max_prompt_length in the score stage)"
+        )
+    logger.warning(
+        "%s: %d of %d pairs dropped: their prompt alone fills max_length=%s; first rows: %s",
+        name,
+        len(dropped),
+        len(before),
+        args.max_length,
+        first,
+    )

@@ -14,6 +14,7 @@ import torch
 from trl import SFTConfig
 
 from ..losses.weighted_ntp import prior_weights, rho1_loss, rho1_num_selected, rho1_select, weighted_nll
+from ..papers import PAPERS
 from ..tokens import target_mask
 from .base import TokenSFTTrainer
 
@@ -64,9 +65,12 @@ class WeightedNTPTrainer(TokenSFTTrainer):
     (column), written by `tokentrain score` or by the user."""
 
     metric_prefix = "weighted_ntp"
+    _tag_names = ["trl", "sft", "tokentrain", "weighted_ntp"]
+    _name = "Weighted NTP"
 
     def __init__(self, model, args: WeightedNTPConfig, *rest, **kwargs):
         self.signal_columns = SIGNALS[args.weighting]
+        self._paper = PAPERS["rho1" if args.weighting == "rho1" else "prior"]  # the model card's citation
         super().__init__(model, args, *rest, **kwargs)
 
     # Rho-1 divides by the number of selected tokens, D, counted from labels alone before the forwards.
@@ -77,12 +81,19 @@ class WeightedNTPTrainer(TokenSFTTrainer):
         return torch.tensor(rho1_num_selected(self.args.rho1_ratio, int(n)))
 
     def _get_num_items_in_batch(self, batch_samples, device):
-        if not (self.args.weighting == "rho1" and self.args.rho1_scope == "global" and self.args.world_size > 1):
+        if not self._rho1_global():
             return super()._get_num_items_in_batch(batch_samples, device)
         # global: D = sum over micro-steps of ceil(rho * N summed over processes)
         counts = torch.stack([target_mask(b["labels"]).sum() for b in batch_samples]).to(device)  # (GA,)
         counts = self.accelerator.gather(counts.unsqueeze(0)).sum(0)  # (GA,) summed over processes
         return torch.tensor(sum(rho1_num_selected(self.args.rho1_ratio, int(n)) for n in counts), device=device)
+
+    def normaliser_spans_processes(self) -> bool:
+        # Rho-1's global ranking always gathers the selected count, whatever average_tokens_across_devices says
+        return super().normaliser_spans_processes() or self._rho1_global()
+
+    def _rho1_global(self) -> bool:
+        return self.args.weighting == "rho1" and self.args.rho1_scope == "global" and self.args.world_size > 1
 
     def token_loss(self, logps, mask, signals, inputs, num_items):
         return getattr(self, f"_loss_{self.args.weighting}")(logps, mask, signals, num_items)

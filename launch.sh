@@ -1,0 +1,1 @@
+tokentrain/shipped/launch.sh
