@@ -3,7 +3,7 @@
     run(stage: Stage, ctx: StageContext) -> None
 
 A new kind of stage is one module here and one line below. Some kinds have variants whose keys differ, chosen by one
-key of the stage (VARIANTS): `score` by its `signal`, `evaluate` and `generate` by their `task`; each variant is a
+key of the stage (VARIANTS): `score` by its `signal`, `prepare`, `evaluate` and `generate` by their `task`; each variant is a
 module of its own, so a new signal or task is a new module and one line here. Modules are imported on first use, so
 listing the kinds (`tokentrain --help`) imports nothing heavy.
 """
@@ -26,6 +26,15 @@ STAGES: dict[str, tuple[str, str]] = {
 
 # kind -> (key, its default, {value: module}): the module of a stage is the one its value of `key` names.
 VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "prepare": (
+        "task",
+        "e2e",
+        {
+            "e2e": "prepare",
+            "e2e_synthetic": "prepare",
+            "arith_chain": "prepare",
+        },
+    ),
     "score": (
         "signal",
         "ref_logps",
