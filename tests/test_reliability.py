@@ -214,6 +214,9 @@ def _as_dataset(rows, column):
     class Rows(list):
         column_names = list(rows[0])
 
+        def select_columns(self, columns):
+            return [{c: r[c] for c in columns} for r in self]
+
         def map(self, fn, with_indices, remove_columns, desc):
             return Dataset.from_list([fn(r, i) for i, r in enumerate(self)])
 
@@ -303,3 +306,109 @@ def test_model_card_cites_the_objective_and_is_named_after_the_final_folder(stem
         kwargs["save_total_limit"] == 2
         and _trainer_kwargs(_stage(tmp_path, save_total_limit=5))["save_total_limit"] == 5
     )
+
+
+# ------------------------------------------------------------------------ clear errors instead of tracebacks
+
+
+def _rows_file(tmp_path, text, name="rows.jsonl"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": \n', "rows.jsonl, line 2: not valid JSON"),
+        ("", "holds no rows"),
+        ('["a", "b"]\n', "line 1: a row must be a JSON object"),
+        ('{"prompt": "a", "completion": 3}\n', "train row 0: prompt and completion must both be strings"),
+        ('{"prompt": "a", "completion": "b"}\n{"prompt": null, "completion": "c"}\n', "train row 1: no usable row"),
+        ('{"prompt": "a", "completion": "b"}\n{"text": "c"}\n', "train row 1 is a text row but row 0 is"),
+    ],
+)
+def test_bad_rows_are_named(tmp_path, tiny_model_dir, text, message, capsys):
+    rows = _rows_file(tmp_path, text)
+    argv = ["sft", "--model", str(tiny_model_dir), "--dataset", str(rows), "--max_steps", "1"]
+    assert main([*argv, "--output_dir", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_keys_and_paths_are_named(tmp_path, tiny_model_dir, pc_rows, capsys):
+    rows = _rows_file(tmp_path, "".join(json.dumps(r) + "\n" for r in pc_rows))
+    cases = [
+        (["score", "--model", str(tiny_model_dir), "--dtype", "fp32"], "dtype must be one of"),
+        (["score", "--model", str(tiny_model_dir), "--batch_size", "0"], "batch_size must be >= 1, got 0"),
+        (["score", "--model", str(tmp_path / "nope")], "model folder not found"),
+        (["score", "--model", str(tmp_path)], "holds no tokenizer"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--dataset", str(rows), "--output_dir", str(tmp_path / "s")]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err, (argv, err)
+    assert main(["score", "--dtype", "fp32"]) == 2
+    assert "did you mean float32" in capsys.readouterr().err
+
+
+def test_a_streaming_dataset_is_refused(tiny_model_factory, tiny_tokenizer, pc_rows, tmp_path):
+    from tokentrain.trainers.weighted_ntp import WeightedNTPConfig, WeightedNTPTrainer
+
+    stream = Dataset.from_list(scored_rows(pc_rows, tiny_tokenizer)).to_iterable_dataset()
+    args = WeightedNTPConfig(output_dir=str(tmp_path), weighting="column", bf16=False, max_steps=1)
+    with pytest.raises(ValueError, match="IterableDataset \\(streaming\\)"):
+        WeightedNTPTrainer(tiny_model_factory(0), args, train_dataset=stream, processing_class=tiny_tokenizer)
+
+
+def test_a_failed_stage_reports_its_partial_output(tmp_path, tiny_model_dir, pc_rows, capsys, monkeypatch):
+    import tokentrain.signals.ref_logps as ref_logps
+
+    def broken(*args, **kwargs):
+        raise ValueError("scoring broke")
+
+    monkeypatch.setattr(ref_logps, "score_ref_logps", broken)
+    rows = _rows_file(tmp_path, "".join(json.dumps(r) + "\n" for r in pc_rows))
+    argv = ["score", "--model", str(tiny_model_dir), "--dataset", str(rows), "--output_dir", str(tmp_path / "s")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"its partial output is in {tmp_path / 's.tmp'}" in err and "scoring broke" in err
+
+
+def test_training_writes_no_cache_into_a_finished_scored_folder(tmp_path, tiny_model_dir, pc_rows):
+    rows = _rows_file(tmp_path, "".join(json.dumps(r) + "\n" for r in pc_rows))
+    scored = tmp_path / "scored"
+    assert main(["score", "--model", str(tiny_model_dir), "--dataset", str(rows), "--output_dir", str(scored)]) == 0
+    before = sorted(p.name for p in scored.iterdir())
+    argv = ["train", "--objective", "weighted_ntp", "--weighting", "prior", "--model", str(tiny_model_dir)]
+    argv += ["--dataset", str(scored), "--max_steps", "1", "--output_dir", str(tmp_path / "o")]
+    assert main(argv) == 0
+    assert sorted(p.name for p in scored.iterdir()) == before  # no cache-*.arrow beside the scored rows
+
+
+def test_frozen_models_load_outside_zero3_init(tiny_model_dir, monkeypatch):
+    """After a ZeRO-3 training stage in the same process, transformers would build a frozen model under zero.Init
+    (partitioned, usable only inside an engine): the scoring/generate/evaluate stages load theirs whole."""
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from tokentrain.models import load_model
+
+    class Zero3:
+        def is_zero3(self):
+            return True
+
+    config = Zero3()
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(config))
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):
+        seen.append(hf_deepspeed.is_deepspeed_zero3_enabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    load_model(tiny_model_dir, trainable=False)
+    assert seen == [False]  # frozen: outside zero.Init
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()  # and the training stage's setting is back afterwards

@@ -52,15 +52,44 @@ def load_rows(source: str | Path, split: str = "train", name: str | None = None)
             files = named
         elif len(files) > 1 and any(p.name.split(".")[0] in ("train", "test", "validation") for p in files):
             raise FileNotFoundError(f"{path} has no file for split {name_part!r} (files: {[p.name for p in files]})")
+        for p in files:
+            _check_file(p)
         return load_dataset(_file_format(files[0]), data_files=[str(p) for p in files], split=part)
     if path.exists():
         fmt = _file_format(path)
         if fmt is None:
             raise ValueError(f"{path}: unknown file type; use .jsonl, .json or .csv (optionally .gz)")
+        _check_file(path)
         return load_dataset(fmt, data_files=str(path), split=part)
     if str(source).startswith((".", "/")) or str(source).endswith((".jsonl", ".json", ".csv", ".gz")):
         raise FileNotFoundError(f"dataset file not found: {source}")
     return load_dataset(str(source), name, split=split)  # hub dataset name
+
+
+def _check_file(path: Path) -> None:
+    """A local file must hold rows: an empty file, or a jsonl line that is not a JSON object, is an error naming the
+    file and line (the json loader would fail later with a message about Arrow schemas)."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    with opener(path, "rt", encoding="utf-8") as f:
+        if suffixes and suffixes[-1] == ".jsonl":
+            rows = 0
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}, line {number}: a row must be a JSON object, got {type(row).__name__}")
+                rows += 1
+            if rows == 0:
+                raise ValueError(f"{path} holds no rows")
+        elif not f.read(1).strip() and not f.read(4096).strip():
+            raise ValueError(f"{path} is empty")
 
 
 def _file_format(path: Path) -> str | None:
@@ -125,6 +154,50 @@ def row_kind(example: dict[str, Any]) -> str:
     if "text" in example:
         return "text"
     raise KeyError(f"row has none of prompt+completion, messages, text (keys: {sorted(example)})")
+
+
+ROW_COLUMNS = ("prompt", "completion", "messages", "text")
+
+
+def check_rows(dataset: Dataset, name: str = "train") -> None:
+    """Every row of one kind (prompt/completion, messages or text; plain or chat) with values of the right type: an
+    error names the row and column (a null prompt, a completion that is not a string, a file mixing row kinds)."""
+    columns = [c for c in ROW_COLUMNS if c in dataset.column_names]
+    if not columns:
+        raise KeyError(f"{name} rows have none of prompt+completion, messages, text (columns: {dataset.column_names})")
+    first = None
+    for i, row in enumerate(dataset.select_columns(columns)):
+        present = {k for k, v in row.items() if v is not None}
+        if {"prompt", "completion"} <= present:
+            kind = "prompt_completion"
+            p, c = row["prompt"], row["completion"]
+            if isinstance(p, str) != isinstance(c, str) or not isinstance(p, (str, list)):
+                raise ValueError(
+                    f"{name} row {i}: prompt and completion must both be strings or both lists of chat messages, got "
+                    f"{type(p).__name__} and {type(c).__name__}"
+                )
+        elif "messages" in present:
+            kind = "messages"
+        elif "text" in present:
+            kind = "text"
+            if not isinstance(row["text"], str):
+                raise ValueError(f"{name} row {i}: column 'text' must be a string, got {type(row['text']).__name__}")
+        else:
+            missing = [c for c in ("prompt", "completion") if c in columns and c not in present]
+            raise ValueError(
+                f"{name} row {i}: no usable row: "
+                + (f"{' and '.join(missing)} is null" if missing else f"every one of {columns} is null")
+            )
+        for column in ("prompt", "completion", "messages"):
+            value = row.get(column)
+            if isinstance(value, list) and not all(isinstance(m, dict) and "role" in m for m in value):
+                raise ValueError(f"{name} row {i}: column {column!r} must be a list of {{role, content}} messages")
+        if first is None:
+            first = (i, kind)
+        elif kind != first[1]:
+            raise ValueError(
+                f"{name} row {i} is a {kind} row but row {first[0]} is a {first[1]} row: one dataset holds one kind"
+            )
 
 
 def tokenize_row(
@@ -294,6 +367,7 @@ def prepare_sft_dataset(
         require_columns(dataset, [ids_column, *signal_columns], hint="the score stage writes them (`tokentrain score`)")
     if truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {truncation_mode!r}")
+    check_rows(dataset, name)
     zero_weight_rows, large_weight_rows = [], []
     check_prompt = bool(signal_columns) and "prompt_ids" in dataset.column_names
 

@@ -112,7 +112,17 @@ def build_tiny(out_dir: str | Path, texts: Iterable[str], vocab_size: int = 512,
 
 def load_tokenizer(name_or_path: str | Path, revision: str = "main", trust_remote_code: bool = False):
     """The tokenizer of a hub model or folder; a pad token is set to EOS when the tokenizer has none."""
-    tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), revision=revision, trust_remote_code=trust_remote_code)
+    path = Path(str(name_or_path))
+    if path.is_dir() and not any((path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        raise FileNotFoundError(f"{path} holds no tokenizer (no tokenizer.json or tokenizer_config.json)")
+    if not path.exists() and (str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1):
+        raise FileNotFoundError(f"model folder not found: {name_or_path} (a hub model is named 'org/name')")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(name_or_path), revision=revision, trust_remote_code=trust_remote_code
+        )
+    except OSError as e:  # not a local folder, and the hub did not answer or has no such model
+        raise FileNotFoundError(f"could not load the tokenizer of {name_or_path!r}: {e}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -151,11 +161,16 @@ def load_model(
         raise FileNotFoundError(
             f"{path} is a folder without config.json: not a model (a dataset folder, or an unfinished output?)"
         )
+    elif not path.exists() and (str(name_or_path).startswith(("/", ".", "~")) or str(name_or_path).count("/") > 1):
+        raise FileNotFoundError(f"model folder not found: {name_or_path} (a hub model is named 'org/name')")
     kwargs = {"dtype": torch_dtype, "revision": revision, "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     with contextlib.nullcontext() if trainable or in_engine else outside_zero3_init():
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+        except OSError as e:  # not a local folder, and the hub did not answer or has no such model
+            raise FileNotFoundError(f"could not load the model {name_or_path!r}: {e}") from None
     if adapter is not None:
         from peft import PeftModel
 
@@ -296,3 +311,137 @@ def generate(
         for b, i in enumerate(batch):
             texts[i] = tokenizer.decode(out[b, width:], skip_special_tokens=True)
     return [texts[i] for i in range(len(prompts))]
+
+
+# ------------------------------------------------------------------------------------ auxiliary-model checks
+# Checks of frozen auxiliary models against the policy (aligndistil's DPO and reverse/reference models, a scoring
+# pass's models): same vocabulary and special tokens, same LM-head width, raw logits, not the same model twice.
+
+# Config attributes that make a model's forward transform its logits (what TRL's fused head reads, and more).
+LOGIT_TRANSFORM_KEYS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
+
+
+def causal_lm(model):
+    """The transformers model under a PEFT wrapper (its adapters stay active), else the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def model_name(model, fallback: str) -> str:
+    """The path or hub id a model was loaded from, else `fallback` (an in-memory model)."""
+    return getattr(causal_lm(model), "name_or_path", "") or fallback
+
+
+def check_logit_transforms(model, name: str) -> None:
+    """Refuse a model whose forward soft-caps or scales its logits: formulas over raw head outputs (a teacher built
+    from two models' logits) would silently differ from the model's own distribution."""
+    config = causal_lm(model).config.get_text_config()
+    found = {}
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        found["final_logit_softcapping"] = config.final_logit_softcapping
+    for key in LOGIT_TRANSFORM_KEYS[1:]:
+        value = getattr(config, key, None)
+        if value is not None and value != 1:
+            found[key] = value
+    if found:
+        raise ValueError(
+            f"{name} declares a logit transform {found}: formulas over several models' logits (aligndistil's teacher) "
+            "assume raw logits (no soft-capping, logit scale 1) in v1; use a model family without it"
+        )
+
+
+def head_rows(model) -> int:
+    """Rows of the LM head (its logit width), also when ZeRO-3 has partitioned the weight."""
+    weight = causal_lm(model).get_output_embeddings().weight
+    return int(weight.ds_shape[0]) if hasattr(weight, "ds_shape") else int(weight.shape[0])
+
+
+def check_head_rows(model, name: str, other, other_name: str) -> None:
+    """Two models' LM heads must have the same width: their distributions are compared or mixed token by token."""
+    a, b = head_rows(model), head_rows(other)
+    if a != b:
+        raise ValueError(
+            f"LM-head rows differ: {name} has {a} and {other_name} has {b}: their distributions are compared token "
+            "by token, so the models must share one vocabulary (AlignDistil's official code truncates; tokentrain "
+            "refuses)"
+        )
+
+
+def saved_tokenizer(path: str):
+    """The tokenizer saved beside a model (folder or hub id), or None when there is none."""
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def check_same_tokenizer(tokenizer, tokenizer_name: str, other, other_name: str) -> None:
+    """Same token -> id mapping and the same EOS/BOS; the error names both models and the first differing token
+    (`check_same_vocab` is the looser check of a model against the policy tokenizer)."""
+    own, theirs = tokenizer.get_vocab(), other.get_vocab()
+    if own != theirs:
+        by_id_own = {i: t for t, i in own.items()}
+        by_id_theirs = {i: t for t, i in theirs.items()}
+        first = min(i for i in set(by_id_own) | set(by_id_theirs) if by_id_own.get(i) != by_id_theirs.get(i))
+        raise ValueError(
+            f"tokenizer mismatch between {tokenizer_name} ({len(own)} tokens) and {other_name} ({len(theirs)} tokens): "
+            f"the first differing id is {first}, {by_id_own.get(first)!r} in {tokenizer_name} but "
+            f"{by_id_theirs.get(first)!r} in {other_name}; the models must be fine-tunes of one base"
+        )
+    for attr in ("eos_token", "bos_token"):
+        if getattr(tokenizer, attr) != getattr(other, attr):
+            raise ValueError(
+                f"special-token mismatch: {attr} is {getattr(tokenizer, attr)!r} in {tokenizer_name} but "
+                f"{getattr(other, attr)!r} in {other_name}"
+            )
+
+
+def same_weights(a, b) -> bool:
+    """True when two models are one object or hold identical parameters (names, shapes and values); False also when
+    their parameters are ZeRO-3 partitions (not comparable here)."""
+    if a is b or causal_lm(a) is causal_lm(b):
+        return True
+    pa, pb = dict(causal_lm(a).named_parameters()), dict(causal_lm(b).named_parameters())
+    if pa.keys() != pb.keys():
+        return False
+    for k, x in pa.items():
+        y = pb[k]
+        if hasattr(x, "ds_id") or x.shape != y.shape or not torch.equal(x.detach().cpu(), y.detach().cpu()):
+            return False
+    return True
+
+
+def warn_if_same(a, b, names: tuple[str, str], consequence: str) -> bool:
+    """Warn when two auxiliary models that should differ are the same path or the same weights; `consequence` says
+    what the run then amounts to. Returns whether they are the same."""
+    import os
+    import warnings
+
+    paths = [model_name(m, "") for m in (a, b)]
+    same_path = all(paths) and os.path.realpath(paths[0]) == os.path.realpath(paths[1])
+    if not (same_path or same_weights(a, b)):
+        return False
+    warnings.warn(
+        f"{names[0]} and {names[1]} are the same {'path' if same_path else 'weights'}: {consequence}",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
+
+
+def training_arg(path: str | None, name: str):
+    """The value of `name` in the training arguments a Trainer saved beside the model at `path` (training_args.bin),
+    or None when there is no such file or it cannot be read (e.g. the `beta` a DPO stage trained with)."""
+    if not path or not (Path(path) / "training_args.bin").is_file():
+        return None
+    try:
+        args = torch.load(Path(path) / "training_args.bin", weights_only=False)
+    except Exception as e:  # an unreadable file only loses the check
+        logger.info("could not read %s/training_args.bin (%s): %s not checked", path, e, name)
+        return None
+    return getattr(args, name, None)

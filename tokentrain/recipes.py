@@ -78,7 +78,18 @@ def run_stage(stage: Stage, overwrite: bool = False, sub_recipes: SubRecipes | N
     check_output_dir(out, overwrite=True)  # before any compute: a file, or a folder tokentrain did not write
     logger.info("%s", header or f"{stage.name} ({stage.config.stage}) -> {out}")
     start = time.time()
-    module.run(stage, StageContext(overwrite=overwrite, sub_recipes=sub_recipes))
+    try:
+        module.run(stage, StageContext(overwrite=overwrite, sub_recipes=sub_recipes))
+    except BaseException:
+        partial = Path(out).with_name(Path(out).name + ".tmp")
+        if partial.exists():
+            logger.error(
+                "%s failed; its partial output is in %s (rerun the same command to resume it where the stage "
+                "supports that; --overwrite discards it)",
+                stage.name,
+                partial,
+            )
+        raise
     logger.info("%s finished in %.0f s", stage.name, time.time() - start)
     return status
 

@@ -78,6 +78,14 @@ class TeacherSettings:
         if problems:
             raise ValueError("invalid aligndistil teacher settings:\n- " + "\n- ".join(problems))
 
+    def same_models_note(self) -> str:
+        """What a run amounts to when the DPO and the other model are the same (the warning of spec section 9)."""
+        weight = self.beta0 / (self.eps if self.alpha == "adaptive" else self.ratio)
+        return (
+            f"the contrast is zero, α_t = {'ε' if self.alpha == 'adaptive' else 'ratio'} everywhere and the run is "
+            f"plain KD to π_dpo with weight β0/α = {weight:g}"
+        )
+
 
 # ------------------------------------------------------------------------------------------------ the teacher
 

@@ -83,6 +83,12 @@ class ModelKeys:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow a hub model's own code."})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a hub model."})
 
+    def __post_init__(self):
+        if self.dtype and self.dtype not in DTYPES:
+            usual = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float": "float32", "half": "float16"}
+            hint = f" (did you mean {usual[self.dtype]}?)" if self.dtype in usual else ""
+            raise ConfigError(f"dtype must be one of {list(DTYPES)}, got {self.dtype!r}{hint}")
+
     def model_kwargs(self, trainable: bool) -> dict[str, Any]:
         """Keyword arguments of `models.load_model` for this stage's models."""
         return {
@@ -224,9 +230,16 @@ def stage_output(stage: Stage, ctx: StageContext, keep_partial: bool = False):
 
 
 def load_stage_rows(cfg: RowsStage):
-    """The stage's rows: `dataset` (file, folder or hub name) with the prompt/completion templates applied."""
+    """The stage's rows: `dataset` (file, folder or hub name) with the prompt/completion templates applied.
+
+    Dataset caching is turned off for the stage's process: `map` on a saved dataset would otherwise write its cache
+    files into that folder, a finished (and fingerprinted) stage output; with caching off they go to a temporary
+    folder that `datasets` deletes."""
+    import datasets
+
     from ..data import apply_templates, load_rows
 
+    datasets.disable_caching()
     rows = load_rows(cfg.dataset, cfg.dataset_split, cfg.dataset_config or None)
     return apply_templates(rows, cfg.prompt_template, cfg.completion_template)
 

@@ -36,6 +36,9 @@ class Config(RowsStage, ModelKeys):
 
 def run(stage: Stage, ctx: StageContext) -> None:
     cfg = stage.config
+    for key in ("batch_size", "chunk_size"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{stage.name}: {key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.signal == "contrastive":
         return _score_contrastive(stage, ctx)
     if cfg.signal != "ref_logps":

@@ -106,6 +106,7 @@ LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 
 def run(stage: Stage, ctx: StageContext) -> None:
     """Train and save to output_dir; resume from the last checkpoint of a killed run with the same settings."""
+    from ..data import check_rows
     from ..models import load_model, load_tokenizer
 
     cfg = stage.config
@@ -116,7 +117,9 @@ def run(stage: Stage, ctx: StageContext) -> None:
     dataset = load_stage_rows(cfg)
     if cfg.stage == "train":
         _check_signal_meta(stage, tokenizer)
-    elif cfg.drop_prompt:
+    else:
+        check_rows(dataset)  # TRL's SFTTrainer would fail on a bad row with a message that names neither it nor why
+    if cfg.stage == "sft" and cfg.drop_prompt:
         dataset = _drop_prompt_rows(dataset, tokenizer)
     if cfg.stage == "train" and cfg.swap_chosen_rejected:
         dataset = _swap_sides(stage, dataset)

@@ -35,10 +35,8 @@ import contextlib
 import json
 import logging
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -57,7 +55,18 @@ from ..losses.aligndistil import (
     TeacherSettings,
     aligndistil_loss,
 )
-from ..models import load_model
+from ..models import (
+    causal_lm,
+    check_head_rows,
+    check_logit_transforms,
+    check_same_tokenizer,
+    head_rows,
+    load_model,
+    model_name,
+    saved_tokenizer,
+    training_arg,
+    warn_if_same,
+)
 from ..papers import PAPERS
 from ..tokens import IGNORE_INDEX
 from .base import TokenSFTTrainer
@@ -65,8 +74,6 @@ from .base import TokenSFTTrainer
 logger = logging.getLogger(__name__)
 
 OTHER_KEY = {"contrastive": "reverse_model", "dpo_ref": "reference_model"}  # the "other" model's config key
-# Config attributes that make a model's forward transform its logits (what TRL's fused head reads).
-LOGIT_TRANSFORM_KEYS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier")
 DEFAULT_R, DEFAULT_EPS, DEFAULT_RATIO = 20.0, 1e-3, 1.0
 DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_LENGTH = 1024, 1024
 
@@ -193,125 +200,6 @@ class AlignDistilConfig(SFTConfig):
     @property
     def prompt_limit(self) -> int:
         return DEFAULT_MAX_PROMPT_LENGTH if self.max_prompt_length is None else self.max_prompt_length
-
-
-# ------------------------------------------------------------------------------------------ frozen-model checks
-
-
-def causal_lm(model):
-    """The transformers model under a PEFT wrapper (its adapters stay active), else the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def model_name(model, fallback: str) -> str:
-    return getattr(causal_lm(model), "name_or_path", "") or fallback
-
-
-def check_logit_transforms(model, name: str) -> None:
-    """Refuse a model whose forward soft-caps or scales its logits: the teacher formulas assume raw logits (v1)."""
-    config = causal_lm(model).config.get_text_config()
-    found = {}
-    if getattr(config, "final_logit_softcapping", None) is not None:
-        found["final_logit_softcapping"] = config.final_logit_softcapping
-    for key in LOGIT_TRANSFORM_KEYS[1:] + ("logits_scaling",):
-        value = getattr(config, key, None)
-        if value is not None and value != 1:
-            found[key] = value
-    if found:
-        raise ValueError(
-            f"{name} declares a logit transform {found}: aligndistil v1 assumes raw logits (no soft-capping, logit "
-            "scale 1); use a model family without it"
-        )
-
-
-def head_rows(model) -> int:
-    """Rows of the LM head (its logit width), also when ZeRO-3 has partitioned the weight."""
-    weight = causal_lm(model).get_output_embeddings().weight
-    return int(weight.ds_shape[0]) if hasattr(weight, "ds_shape") else int(weight.shape[0])
-
-
-def check_head_rows(student, student_name: str, other, other_name: str) -> None:
-    a, b = head_rows(student), head_rows(other)
-    if a != b:
-        raise ValueError(
-            f"LM-head rows differ: {student_name} has {a} and {other_name} has {b}: the teacher is a distribution over "
-            "the student's vocabulary, so all three models must share it (the official code truncates; tokentrain "
-            "refuses)"
-        )
-
-
-def _load_tokenizer_of(path: str):
-    """The tokenizer saved beside a model (folder or hub id), or None when there is none."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def check_same_tokenizer(tokenizer, tokenizer_name: str, other, other_name: str) -> None:
-    """Same token -> id mapping and the same EOS/BOS; the error names both models and the first differing token."""
-    own, theirs = tokenizer.get_vocab(), other.get_vocab()
-    if own != theirs:
-        by_id_own = {i: t for t, i in own.items()}
-        by_id_theirs = {i: t for t, i in theirs.items()}
-        first = min(i for i in set(by_id_own) | set(by_id_theirs) if by_id_own.get(i) != by_id_theirs.get(i))
-        raise ValueError(
-            f"tokenizer mismatch between {tokenizer_name} ({len(own)} tokens) and {other_name} ({len(theirs)} tokens): "
-            f"the first differing id is {first}, {by_id_own.get(first)!r} in {tokenizer_name} but "
-            f"{by_id_theirs.get(first)!r} in {other_name}; all three models must be fine-tunes of one base"
-        )
-    for attr in ("eos_token", "bos_token"):
-        if getattr(tokenizer, attr) != getattr(other, attr):
-            raise ValueError(
-                f"special-token mismatch: {attr} is {getattr(tokenizer, attr)!r} in {tokenizer_name} but "
-                f"{getattr(other, attr)!r} in {other_name}"
-            )
-
-
-def same_weights(a, b) -> bool:
-    """True when two models are one object or hold identical parameters (names, shapes and values); False also when
-    their parameters are ZeRO-3 partitions (not comparable here)."""
-    if a is b or causal_lm(a) is causal_lm(b):
-        return True
-    pa, pb = dict(causal_lm(a).named_parameters()), dict(causal_lm(b).named_parameters())
-    if pa.keys() != pb.keys():
-        return False
-    for k, x in pa.items():
-        y = pb[k]
-        if hasattr(x, "ds_id") or x.shape != y.shape or not torch.equal(x.detach().cpu(), y.detach().cpu()):
-            return False
-    return True
-
-
-def warn_if_same(dpo_model, other_model, names: tuple[str, str], settings: TeacherSettings) -> bool:
-    """Warn (spec section 9) when the DPO and other model are the same path or the same weights: no contrast."""
-    paths = [model_name(m, "") for m in (dpo_model, other_model)]
-    same_path = all(paths) and os.path.realpath(paths[0]) == os.path.realpath(paths[1])
-    if not (same_path or same_weights(dpo_model, other_model)):
-        return False
-    weight = settings.beta0 / (settings.eps if settings.alpha == "adaptive" else settings.ratio)
-    warnings.warn(
-        f"{names[0]} and {names[1]} are the same {'path' if same_path else 'weights'}: the contrast is zero, "
-        f"α_t = {'ε' if settings.alpha == 'adaptive' else 'ratio'} everywhere and the run is plain KD to π_dpo with "
-        f"weight β0/α = {weight:g}",
-        UserWarning,
-        stacklevel=3,
-    )
-    return True
-
-
-def dpo_stage_beta(path: str | None) -> float | None:
-    """The `beta` of the TRL run that wrote `path` (its `training_args.bin`), when there is one."""
-    if not path or not (Path(path) / "training_args.bin").is_file():
-        return None
-    try:
-        args = torch.load(Path(path) / "training_args.bin", weights_only=False)
-    except Exception as e:  # an unreadable file only loses the check
-        logger.info("could not read %s/training_args.bin (%s): beta0 not checked", path, e)
-        return None
-    return getattr(args, "beta", None)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -459,7 +347,7 @@ class AlignDistilTrainer(TokenSFTTrainer):
             check_logit_transforms(model, name)
         for model, name in models:
             check_head_rows(student, student_name, model, name)
-            frozen_tokenizer = _load_tokenizer_of(model_name(model, "")) if model_name(model, "") else None
+            frozen_tokenizer = saved_tokenizer(model_name(model, "")) if model_name(model, "") else None
             if frozen_tokenizer is None:
                 logger.info("%s has no saved tokenizer: vocabulary checked by LM-head rows only", name)
             else:
@@ -469,8 +357,8 @@ class AlignDistilTrainer(TokenSFTTrainer):
                 f"the tokenizer has {len(self._tokenizer)} tokens but {student_name} has {head_rows(student)} "
                 "LM-head rows: the tokenizer does not belong to these models"
             )
-        warn_if_same(dpo, other, (self.dpo_name, self.other_name), self.settings)
-        stage_beta = dpo_stage_beta(args.dpo_model)
+        warn_if_same(dpo, other, (self.dpo_name, self.other_name), self.settings.same_models_note())
+        stage_beta = training_arg(args.dpo_model, "beta")
         if stage_beta is not None and not math.isclose(stage_beta, args.beta0, rel_tol=1e-9):
             warnings.warn(
                 f"beta0 is {args.beta0} but {self.dpo_name} was trained with beta {stage_beta}: β0 must be the DPO "

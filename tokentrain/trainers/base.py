@@ -67,6 +67,13 @@ class TokenSFTTrainer(SFTTrainer):
     # ---------------------------------------------------------------------------------------------------- data
 
     def _prepare_dataset(self, dataset, processing_class, args, packing, formatting_func, dataset_name):
+        from datasets import Dataset
+
+        if not isinstance(dataset, Dataset):
+            raise ValueError(
+                f"the {dataset_name} dataset is a {type(dataset).__name__} (streaming): tokentrain needs a map-style "
+                "Dataset, whose every row is tokenised and checked against its stored ids before training"
+            )
         if "input_ids" in dataset.column_names:
             raise ValueError(
                 f"the {dataset_name} dataset is already tokenised (has 'input_ids'); tokentrain tokenises rows itself "
