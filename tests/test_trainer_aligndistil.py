@@ -30,8 +30,8 @@ from transformers import GenerationMixin
 from trl import DPOConfig, DPOTrainer
 
 from tokentrain.losses.aligndistil import naive_aligndistil_loss
-from tokentrain.models import tiny_llama, train_tokenizer
-from tokentrain.trainers.aligndistil import AlignDistilCollator, AlignDistilConfig, AlignDistilTrainer, causal_lm
+from tokentrain.models import causal_lm, tiny_llama, train_tokenizer
+from tokentrain.trainers.aligndistil import AlignDistilCollator, AlignDistilConfig, AlignDistilTrainer
 
 ATOL = 1e-6
 REPO = Path(__file__).resolve().parents[1]

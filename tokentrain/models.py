@@ -401,6 +401,28 @@ def check_same_tokenizer(tokenizer, tokenizer_name: str, other, other_name: str)
             )
 
 
+def check_auxiliary_models(tokenizer, models: list[tuple[object, str]]) -> None:
+    """Models whose logits are compared position by position on one tokenizer's ids (`models`: (model, name) pairs,
+    the first the one the others are checked against, e.g. the student): no logit transform, LM heads of one width,
+    no more tokenizer tokens than head rows, and each later model's own saved tokenizer (when it has one) equal to
+    `tokenizer`. Every error names the models."""
+    first, first_name = models[0]
+    for model, name in models:
+        check_logit_transforms(model, name)
+    for model, name in models[1:]:
+        check_head_rows(first, first_name, model, name)
+        own = saved_tokenizer(model_name(model, "")) if model_name(model, "") else None
+        if own is None:
+            logger.info("%s has no saved tokenizer: vocabulary checked by LM-head rows only", name)
+        else:
+            check_same_tokenizer(tokenizer, first_name, own, name)
+    if len(tokenizer) > head_rows(first):
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but {first_name} has {head_rows(first)} LM-head rows: the "
+            "tokenizer does not belong to these models"
+        )
+
+
 def same_weights(a, b) -> bool:
     """True when two models are one object or hold identical parameters (names, shapes and values); False also when
     their parameters are ZeRO-3 partitions (not comparable here)."""
@@ -445,3 +467,75 @@ def training_arg(path: str | None, name: str):
         logger.info("could not read %s/training_args.bin (%s): %s not checked", path, e, name)
         return None
     return getattr(args, name, None)
+
+
+def sampling_kwargs(
+    tokenizer, max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0
+) -> dict:
+    """`generate` keyword arguments for plain sampling with every filter set explicitly: transformers fills each unset
+    value from the checkpoint's generation_config.json, then from its global defaults (top_k 50). `max_new_tokens` < 1
+    is an error."""
+    if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    return {
+        "do_sample": True,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+        "repetition_penalty": 1.0,  # neutral values for the other filters a checkpoint may set
+        "typical_p": 1.0,
+        "epsilon_cutoff": 0.0,
+        "eta_cutoff": 0.0,
+        "no_repeat_ngram_size": 0,
+        "min_new_tokens": 0,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def cut_after_eos(ids: list[int], eos_token_id: int) -> tuple[list[int], bool]:
+    """A sample up to and including its first EOS, and whether it had one (never forced: a cut sample stays cut)."""
+    if eos_token_id in ids:
+        return ids[: ids.index(eos_token_id) + 1], True
+    return ids, False
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int = 64,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+) -> list[list[int]]:
+    """One sampled response per tokenised prompt, as token ids cut after the first EOS (EOS kept), in prompt order.
+
+    Left-padded batches in prompt order; the torch generator is seeded with `seed` inside `torch.random.fork_rng`,
+    so the samples depend only on the model, the prompts, `batch_size` and `seed`, and the caller's random state
+    (e.g. a training run's) is left as it was. Every sampling setting is explicit (`sampling_kwargs`)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    kwargs = sampling_kwargs(tokenizer, max_new_tokens, temperature, top_p, top_k)
+    pad_id = kwargs["pad_token_id"]
+    out: list[list[int]] = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        for start in range(0, len(prompts), batch_size):
+            batch = prompts[start : start + batch_size]
+            width = max(len(p) for p in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b, p in enumerate(batch):
+                input_ids[b, width - len(p) :] = torch.tensor(p)
+                attention_mask[b, width - len(p) :] = 1
+            ids = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), **kwargs)
+            out += [cut_after_eos(row[width:].tolist(), tokenizer.eos_token_id)[0] for row in ids]
+    model.train(was_training)
+    return out

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data import check_alignment, check_pair_prompt, split_preference_row
 from ..losses.aligndistil import TeacherSettings, project_logits, teacher_log_probs
-from ..models import causal_lm, check_head_rows, check_logit_transforms, model_name, warn_if_same
+from ..models import causal_lm, check_auxiliary_models, model_name, warn_if_same
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +76,11 @@ def score_aligndistil_alpha(
 
     if batch_size < 1 or chunk_tokens < 1:
         raise ValueError(f"batch_size and chunk_tokens must be >= 1, got {batch_size} and {chunk_tokens}")
-    for model, name in ((dpo_model, names[0]), (other_model, names[1])):
-        check_logit_transforms(model, f"{name} ({model_name(model, 'in-memory model')})")
-    check_head_rows(dpo_model, names[0], other_model, names[1])
-    if len(tokenizer) > causal_lm(dpo_model).get_output_embeddings().weight.shape[0]:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than {names[0]}'s LM-head rows")
+    named = [
+        (m, f"{name} ({model_name(m, 'in-memory model')})")
+        for m, name in ((dpo_model, names[0]), (other_model, names[1]))
+    ]
+    check_auxiliary_models(tokenizer, named)
     warn_if_same(dpo_model, other_model, names, settings.same_models_note())
     accelerator = accelerator or Accelerator()
     missing = [c for c in ("prompt", "chosen") if c not in dataset.column_names]

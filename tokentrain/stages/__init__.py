@@ -33,6 +33,8 @@ VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
             "e2e": "prepare",
             "e2e_synthetic": "prepare",
             "arith_chain": "prepare",
+            "gsm8k_equations": "prepare_equations",
+            "synthetic_equations": "prepare_equations",
         },
     ),
     "score": (
@@ -51,6 +53,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
             "gsm8k": "evaluate",
             "math": "evaluate",
             "arithmetic": "evaluate",
+            "concept_heads": "evaluate_concept_heads",
         },
     ),
     "generate": (
@@ -60,6 +63,7 @@ VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
             "gsm8k": "generate",
             "math": "generate",
             "arithmetic": "generate",
+            "self_distill": "generate_self_distill",
         },
     ),
 }

@@ -57,13 +57,11 @@ from ..losses.aligndistil import (
 )
 from ..models import (
     causal_lm,
-    check_head_rows,
-    check_logit_transforms,
-    check_same_tokenizer,
-    head_rows,
+    check_auxiliary_models,
+    cut_after_eos,
     load_model,
     model_name,
-    saved_tokenizer,
+    sampling_kwargs,
     training_arg,
     warn_if_same,
 )
@@ -342,21 +340,7 @@ class AlignDistilTrainer(TokenSFTTrainer):
             models.append((given, f"{key} ({model_name(given, path or 'in-memory model')})"))
         (dpo, self.dpo_name), (other, self.other_name) = models
         student_name = f"the student ({model_name(student, 'in-memory model')})"
-
-        for model, name in ((student, student_name), *models):
-            check_logit_transforms(model, name)
-        for model, name in models:
-            check_head_rows(student, student_name, model, name)
-            frozen_tokenizer = saved_tokenizer(model_name(model, "")) if model_name(model, "") else None
-            if frozen_tokenizer is None:
-                logger.info("%s has no saved tokenizer: vocabulary checked by LM-head rows only", name)
-            else:
-                check_same_tokenizer(self._tokenizer, student_name, frozen_tokenizer, name)
-        if len(self._tokenizer) > head_rows(student):
-            raise ValueError(
-                f"the tokenizer has {len(self._tokenizer)} tokens but {student_name} has {head_rows(student)} "
-                "LM-head rows: the tokenizer does not belong to these models"
-            )
+        check_auxiliary_models(self._tokenizer, [(student, student_name), *models])
         warn_if_same(dpo, other, (self.dpo_name, self.other_name), self.settings.same_models_note())
         stage_beta = training_arg(args.dpo_model, "beta")
         if stage_beta is not None and not math.isclose(stage_beta, args.beta0, rel_tol=1e-9):
@@ -500,25 +484,8 @@ class AlignDistilTrainer(TokenSFTTrainer):
     # ------------------------------------------------------------------------------------------------- rollouts
 
     def generation_kwargs(self) -> dict:
-        """Sampling settings, all explicit (spec section 3): transformers fills every unset value from the
-        checkpoint's generation_config.json, then from its global defaults (top_k 50)."""
-        tok = self._tokenizer
-        return {
-            "do_sample": True,
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "top_k": 0,
-            "repetition_penalty": 1.0,
-            "max_new_tokens": self.args.sample_tokens,
-            # neutral values for the other filters a checkpoint may set
-            "typical_p": 1.0,
-            "epsilon_cutoff": 0.0,
-            "eta_cutoff": 0.0,
-            "no_repeat_ngram_size": 0,
-            "min_new_tokens": 0,
-            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            "eos_token_id": tok.eos_token_id,
-        }
+        """Sampling settings, all explicit (spec section 3): T 1.0, top_p 1.0, top_k 0, neutral other filters."""
+        return sampling_kwargs(self._tokenizer, self.args.sample_tokens)
 
     def _rollout(self, model, inputs) -> dict[str, torch.Tensor]:
         """One sample per prompt from the current student (eval mode, no gradient), cut after its first EOS (never
@@ -542,11 +509,8 @@ class AlignDistilTrainer(TokenSFTTrainer):
         rows, truncated = [], 0
         for b in range(prompts.shape[0]):
             prompt = prompts[b][prompt_mask[b].bool()].tolist()
-            response = samples[b].tolist()
-            if eos in response:
-                response = response[: response.index(eos) + 1]
-            else:
-                truncated += 1
+            response, ended = cut_after_eos(samples[b].tolist(), eos)
+            truncated += not ended
             rows.append({"input_ids": prompt + response, "labels": [IGNORE_INDEX] * len(prompt) + response})
         for row, index in zip(rows, inputs["row_index"].tolist()):
             row["row_index"] = index
