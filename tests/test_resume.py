@@ -90,23 +90,30 @@ def test_killed_run_resumes_to_the_uninterrupted_weights(stage_file):
     assert checkpoints == ["checkpoint-2", "checkpoint-4"], checkpoints
     assert not (tmp / DONE_FILE).exists() and not (tmp / "model.safetensors").exists()
 
-    # 2. The same command again resumes from checkpoint-4 and finishes: <out>/ complete, <out>.tmp/ gone.
+    # 2. Edited settings do not resume the partial run (steps 1-4 with one objective, 5-7 with another): refused,
+    #    naming the key, with the checkpoints kept.
+    edited = _run([*train, "--learning_rate", "0.02"], root)
+    assert edited.returncode == 2, edited.stderr[-4000:]
+    assert "learning_rate: 0.01 then, 0.02 now" in edited.stderr and "--overwrite" in edited.stderr
+    assert sorted(p.name for p in tmp.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+
+    # 3. The same command again resumes from checkpoint-4 and finishes: <out>/ complete, <out>.tmp/ gone.
     resumed = _run(train, root)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     log = resumed.stdout + resumed.stderr
     assert f"resuming from {tmp / f'checkpoint-{KILL_AFTER}'}" in log, log[-4000:]
-    assert resumed.stdout.count("'loss':") == 7 - KILL_AFTER  # logged steps 5-7 only: continued, not restarted
+    assert log.count(": loss ") == 7 - KILL_AFTER  # logged steps 5-7 only: continued, not restarted
     assert out.is_dir() and (out / DONE_FILE).exists()
     assert not tmp.exists()
     assert not list(out.glob("checkpoint-*"))
     assert json.loads((out / "train_summary.json").read_text())["stage"] == "stage"
 
-    # 3. An uninterrupted run of the same stage, to another folder.
+    # 4. An uninterrupted run of the same stage, to another folder.
     straight_out = root / "straight"
     straight = _run([*train, "--output_dir", str(straight_out)], root)
     assert straight.returncode == 0, straight.stderr[-4000:]
     assert "resuming from" not in straight.stdout + straight.stderr
-    assert straight.stdout.count("'loss':") == 7
+    assert (straight.stdout + straight.stderr).count(": loss ") == 7
 
     got, expected = _weights(out), _weights(straight_out)
     assert got.keys() == expected.keys()

@@ -7,6 +7,7 @@ and one tokenizer per module; the stored ids come from TRL 1.16's own DPO prepar
 import copy
 import dataclasses
 import json
+import logging
 import math
 import os
 import subprocess
@@ -655,3 +656,35 @@ def test_micro_batch_normalisation_is_the_official_loop(env, normalisation):
         assert gap < 1e-5
     else:
         assert gap > 0.05 * scale  # the test can tell the two normalisations apart
+
+
+# ------------------------------------------------------------------------ dropped pairs are counted, never silent
+
+
+def test_empty_sides_are_dropped_and_counted(env, caplog):
+    rows = [dict(r) for r in ROWS]
+    rows[1]["chosen"] = ""  # TRL would train the EOS alone as the chosen response
+    with caplog.at_level(logging.WARNING):
+        trainer = make_trainer(env, Dataset.from_list(rows), weighting="none")
+    assert len(trainer.train_dataset) == len(ROWS) - 1
+    n = len(ROWS)
+    assert f"1 of {n} pairs have an empty chosen or rejected response and are dropped; first rows: [1]" in caplog.text
+    rows = [{**r, "rejected": ""} for r in ROWS]
+    with pytest.raises(ValueError, match=f"every one of the {n} pairs has an empty chosen or rejected response"):
+        make_trainer(env, Dataset.from_list(rows), weighting="none")
+
+
+def test_pairs_cut_by_max_length_are_counted_and_all_cut_is_an_error(env, caplog):
+    rows = [dict(r) for r in ROWS]
+    rows[2]["prompt"] = "Q: " + "1+" * 12 + "1="  # one prompt far longer than the others
+    lengths = [len(env.tok(r["prompt"]).input_ids) for r in rows]
+    limit = lengths[2]  # that prompt alone fills max_length; every other prompt is shorter
+    assert all(n < limit for i, n in enumerate(lengths) if i != 2)
+    with caplog.at_level(logging.WARNING):
+        trainer = make_trainer(env, Dataset.from_list(rows), weighting="none", max_length=limit)
+    assert len(trainer.train_dataset) == len(rows) - 1
+    assert (
+        f"1 of {len(rows)} pairs dropped: their prompt alone fills max_length={limit}; first rows: [2]" in caplog.text
+    )
+    with pytest.raises(ValueError, match=f"all {len(rows)} pairs were dropped because their prompt alone fills"):
+        make_trainer(env, Dataset.from_list(rows), weighting="none", max_length=1)

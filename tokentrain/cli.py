@@ -5,6 +5,7 @@
     tokentrain sft --config handbook_sft.yaml --max_steps 10       (or: tokentrain sft handbook_sft.yaml ...)
     tokentrain train --help                                        every key of the stage and its trainer config
     tokentrain inspect runs/x/scored --column ref_logps --out heat.html
+    tokentrain plot runs/critical_dpo_mini                         PNG plots of a run into runs/.../plots
     tokentrain quickstart weighted_ntp
     tokentrain launch --accelerate_config zero3 recipes/weighted_ntp/
 
@@ -56,10 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="write an HTML heat map of a per-token signal column")
     p.add_argument("dataset", help="a scored dataset folder (a score stage's output)")
     p.add_argument("--column", required=True, help="the per-token column to show, e.g. ref_logps, rejected_weights")
-    p.add_argument("--ids_column", "--ids-column", default=None, help="its token ids (default completion_ids)")
+    p.add_argument("--ids_column", default=None, help="its token ids (default: completion_ids, or <side>_ids)")
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the one named in signal_meta.json)")
-    p.add_argument("--rows", type=int, default=50, help="number of rows to show")
+    p.add_argument("--rows", type=_row_list, default=None, help="rows to show, e.g. 3,17,40 (default: all)")
+    p.add_argument("--max_rows", type=int, default=50, help="show at most this many rows")
+    p.add_argument(
+        "--sort", choices=("index", "max", "mean"), default="index", help="row order: largest max/mean first"
+    )
+    p.add_argument(
+        "--weights",
+        choices=("raw", "effective"),
+        default="raw",
+        help="effective: what the trainer multiplies each token's loss by (PRIOR's normalised weights, Rho-1's "
+        "selection), computed with the trainer's own functions",
+    )
+    p.add_argument("--weighting", choices=("prior", "rho1"), default=None, help="with --weights effective on ref_logps")
+    p.add_argument("--prior_alpha", type=float, default=1.0, help="PRIOR's exponent (the trainer's prior_alpha)")
+    p.add_argument("--rho1_ratio", type=float, default=0.6, help="Rho-1's kept share (the trainer's rho1_ratio)")
+    p.add_argument("--model", default=None, help="Rho-1: the policy whose excess loss selects the tokens")
+    p.add_argument("--task", default=None, help="grade each response against the row's gold answer: arithmetic, ...")
     p.add_argument("--out", default=None, help="HTML file (default <column>.html)")
+    p = sub.add_parser("plot", help="write PNG plots of a run folder (training curves, grids, weights)")
+    p.add_argument("run_dir", help="a run folder (tokentrain run's --run_dir) or any stage output inside it")
+    p.add_argument("--out", default=None, help="folder of the PNGs (default <run_dir>/plots)")
     p = sub.add_parser("quickstart", help="a complete small pipeline on CPU with data made in code")
     p.add_argument("stem", nargs="?", default="weighted_ntp", help=f"one of {', '.join(_quickstarts())}")
     p.add_argument("--run_dir", default=None, help="default runs/quickstart/<stem>")
@@ -86,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     args, rest = build_parser().parse_known_args(argv)
-    from .runtime import exit_process, setup_logging
+    from .runtime import exit_process, quiet_console, setup_logging
 
     setup_logging()
+    quiet_console()
     try:
         _dispatch(args, rest)
     except ERRORS as e:
@@ -100,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args, rest: list[str]) -> None:
     from .config import parse_override_args
 
-    if args.command == "inspect":
+    if args.command in ("inspect", "plot"):
         if rest:
-            raise ValueError(f"inspect takes no extra options: {rest}")
-        return _inspect(args)
+            raise ValueError(f"{args.command} takes no extra options: {rest}")
+        return _inspect(args) if args.command == "inspect" else _plot(args)
     if args.command == "quickstart":
         from .quickstart import quickstart
 
@@ -240,24 +261,63 @@ def _launch(argv: list[str]) -> int:
     return 0  # not reached
 
 
+def _row_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--rows takes row indices separated by commas, e.g. 3,17,40; got {text!r}"
+        ) from None
+
+
 def _inspect(args) -> None:
     from .data import load_rows, read_meta
-    from .heatmap import write_heatmap
-    from .models import load_tokenizer
+    from .heatmap import effective_weights, write_heatmap
+    from .models import load_model, load_tokenizer
 
     dataset = load_rows(args.dataset)
     name = args.tokenizer or (read_meta(args.dataset) or {}).get("tokenizer")
     if not name:
         raise ValueError("no tokenizer: pass --tokenizer (the dataset has no signal_meta.json naming one)")
-    out = write_heatmap(
-        dataset,
-        load_tokenizer(name),
-        args.column,
-        args.out or f"{args.column}.html",
-        ids_column=args.ids_column,
-        max_rows=args.rows,
-    )
+    tokenizer = load_tokenizer(name)
+    rows = args.rows
+    if rows is None and args.sort == "index":  # the rows that will be shown: effective weights of those only
+        rows = list(range(min(len(dataset), args.max_rows)))
+    values = note = None
+    try:
+        if args.weights == "effective":
+            policy = load_model(args.model, trainable=False, merge_adapter=True) if args.model else None
+            values, note = effective_weights(
+                dataset, args.column, args.weighting, rows, args.prior_alpha, args.rho1_ratio, policy, tokenizer
+            )
+        elif args.weighting or args.model:
+            raise ValueError("--weighting and --model belong to --weights effective")
+        out = write_heatmap(
+            dataset,
+            tokenizer,
+            args.column,
+            args.out or f"{args.column}.html",
+            ids_column=args.ids_column,
+            rows=rows,
+            max_rows=args.max_rows,
+            sort=args.sort,
+            values=values,
+            values_note=note,
+            task=args.task,
+        )
+    except IndexError as e:  # a --rows index out of range
+        raise ValueError(str(e)) from None
     logger.info("wrote %s", out)
+
+
+def _plot(args) -> None:
+    from .plots import plot_run
+
+    try:
+        written = plot_run(args.run_dir, args.out)
+    except ImportError as e:  # matplotlib, an optional dependency: the message says how to install it
+        raise ValueError(str(e)) from None
+    logger.info("wrote %d plots to %s", len(written), Path(args.out or Path(args.run_dir) / "plots"))
 
 
 if __name__ == "__main__":

@@ -278,14 +278,14 @@ def generate(
     the text and cut by the caller). Sampling uses exactly `temperature`, `top_p` and `top_k`
     (0 = off), not the model's generation_config defaults. Returned in the order of `prompts`.
     """
-    from tqdm.auto import tqdm
+    from .runtime import progress as progress_display
 
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     texts: dict[int, str] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
+    for start in progress_display(range(0, len(order), batch_size), desc=desc, enabled=progress):
         batch = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)

@@ -26,7 +26,6 @@ def quickstart(stem: str, run_dir: str | None = None, overwrite: bool = False) -
     from .config import recipe_stages
     from .data import read_meta
     from .recipes import run_recipe
-    from .stages.evaluate import format_accuracy_table, format_table
 
     recipe = QUICKSTARTS / stem
     if not recipe.is_dir():
@@ -40,13 +39,10 @@ def quickstart(stem: str, run_dir: str | None = None, overwrite: bool = False) -
         first = f.read_text().splitlines()[0]
         print(f"  {f.name:<22} {first.lstrip('# ') if first.startswith('#') else ''}")
     run_recipe(recipe, run_dir, None, {}, overwrite)
-    results = json.loads((Path(run_dir) / "eval" / "eval.json").read_text())
-    diagnostic = results.pop("prior_diagnostic", None)
-    print(f"\nquickstart {stem} finished in {time.time() - start:.0f} s; results on the held-out rows:")
-    graded = all("accuracy" in r for r in results.values())
-    print(format_accuracy_table(results) if graded else format_table(results))
-    if diagnostic:
-        print("PRIOR mean weight by token kind:", {k: round(v, 3) for k, v in diagnostic.items()})
+    if stem == "unlearning":
+        return _unlearning_summary(run_dir, time.time() - start)
+    # the evaluate stage printed the results table on the held-out rows (and any diagnostic) just above
+    print(f"\nquickstart {stem} finished in {time.time() - start:.0f} s; the table above is {run_dir}/eval/eval.json")
     print(f"outputs: {run_dir}/ (models, scored datasets with signal_meta.json, eval/eval.json)")
     if stem == "critical_dpo":
         meta = read_meta(Path(run_dir) / "pairs_scored") or {}
@@ -58,5 +54,35 @@ def quickstart(stem: str, run_dir: str | None = None, overwrite: bool = False) -
             f"see the critical tokens: tokentrain inspect {run_dir}/pairs_scored --column rejected_weights "
             "--ids_column rejected_ids --out critical.html"
         )
+    elif stem == "aligndistil":
+        meta = read_meta(Path(run_dir) / "alpha") or {}
+        print(
+            f"mean α_t (5·TVD_t + 0.001) on the held-out chosen responses {meta.get('alpha_mean', 0):.3f}; where the "
+            f"DPO and reverse-DPO models disagree: {run_dir}/alpha/aligndistil_alpha.html (or tokentrain inspect "
+            f"{run_dir}/alpha --column aligndistil_alpha --ids_column completion_ids)"
+        )
+    elif stem == "concept_heads":
+        results = json.loads((Path(run_dir) / "eval" / "eval.json").read_text())
+        gains = [c - n for c, n in zip(results["caft"]["acc"][1:], results["ntp"]["acc"][1:])]
+        print(
+            "CAFT - NTP top-1 accuracy of the same frozen heads 1..4 on the answers: "
+            + ", ".join(f"{g:+.3f}" for g in gains)
+            + f" (the paper's diagnostic); the phase-1 heads: {run_dir}/heads/heads"
+        )
     else:
         print(f"see the signal: tokentrain inspect {run_dir}/scored_prior --column ref_logps --out prior.html")
+
+
+def _unlearning_summary(run_dir: str, seconds: float) -> None:
+    """The unlearning quickstart's results: its evaluation table (familiarity, anchor_prob, perplexities) and the
+    generic labels' statistics."""
+    run = Path(run_dir)
+    stats = json.loads((run / "labels" / "stats.json").read_text())
+    print(f"\nquickstart unlearning finished in {seconds:.0f} s; results in the table above (eval/table.md)")
+    print(
+        f"generic labels: {stats['weighted']} of {stats['positions']} book positions trained; "
+        f"{100 * stats['changed']:.1f}% differ from the text, {100 * stats['flipped']:.1f}% from the baseline's own "
+        f"guess; names kept at term-first positions (leak) {100 * stats['leak']:.1f}%"
+    )
+    print(f"outputs: {run_dir}/ (models, labels/ with stats.json, eval/ with completions_<model>.jsonl)")
+    print(f"see the labels: tokentrain inspect {run_dir}/labels --column token_weights --out labels.html")

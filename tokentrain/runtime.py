@@ -51,3 +51,66 @@ def exit_process(code: int = 0) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# Known warnings of the stack, silenced by exact message and module: TRL 1.16 still calls the transformers 5
+# methods renamed to activation_checkpointing_*; tokentrain passes the new names itself.
+KNOWN_WARNINGS = (
+    (r"`gradient_checkpointing_enable` is deprecated", FutureWarning, "transformers.modeling_utils"),
+    (r"`gradient_checkpointing_disable` is deprecated", FutureWarning, "transformers.modeling_utils"),
+)
+
+
+def quiet_console() -> None:
+    """What a CLI run prints: no progress bars for loading, saving or dataset maps (datasets, transformers' weight
+    loading and shard writing, the hub), and none of the known warnings; tokentrain draws one bar per long pass
+    (training, generation, scoring) itself, with `progress`."""
+    import warnings
+
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    for message, category, module in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def is_terminal() -> bool:
+    """Progress bars need a terminal; in a file (a SLURM .out, a pipe) carriage-return bars are noise."""
+    return sys.stderr.isatty()
+
+
+def progress(iterable, total: int | None = None, desc: str = "", enabled: bool = True):
+    """One progress display for a long pass: a tqdm bar on a terminal, else a log line at every ~10% (and the end)."""
+    if not enabled:
+        return iterable
+    if is_terminal():
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc)
+    return _logged_progress(iterable, total if total is not None else len(iterable), desc)
+
+
+def _logged_progress(iterable, total: int, desc: str):
+    import time
+
+    log = logging.getLogger("tokentrain")
+    start, next_mark = time.time(), 1
+    for done, item in enumerate(iterable, 1):
+        yield item
+        if total and (done * 10 >= next_mark * total or done == total):
+            elapsed = time.time() - start
+            eta = elapsed / done * (total - done)
+            log.info(
+                "%s: %d/%d (%d%%), %.0f s elapsed, about %.0f s left",
+                desc,
+                done,
+                total,
+                100 * done // total,
+                elapsed,
+                eta,
+            )
+            next_mark = done * 10 // total + 1

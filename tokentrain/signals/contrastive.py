@@ -27,11 +27,11 @@ import logging
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from trl.data_utils import is_conversational
 
 from ..data import check_pair_prompt, split_preference_row
 from ..losses.critical_dpo import contrastive_scores
+from ..runtime import progress
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def score_contrastive(
 
     # ---- tokenise and filter, every process the same
     rows, kept, too_long = [], [], []
-    for i, example in enumerate(tqdm(dataset, desc="Tokenising pairs", disable=not accelerator.is_main_process)):
+    for i, example in enumerate(dataset):
         if example["chosen"] == example["rejected"]:
             raise ValueError(f"row {i}: chosen and rejected are the same text; a pair must differ to be scored")
         check_pair_prompt(example, i)
@@ -187,7 +187,7 @@ def score_contrastive(
     transforms = (_logit_transform(pos_model), _logit_transform(neg_model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = []
-    for batch in tqdm(batches, desc="Scoring (contrastive)", disable=not accelerator.is_main_process):
+    for batch in progress(batches, desc="Scoring (contrastive)", enabled=accelerator.is_main_process):
         width = max(len(ids_of(seqs[j])) for j in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T) right-padded
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # (B, T)

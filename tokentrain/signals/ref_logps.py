@@ -15,10 +15,10 @@ from __future__ import annotations
 import logging
 
 import torch
-from tqdm.auto import tqdm
 from trl.trainer.utils import add_fused_lm_head
 
 from ..data import completion_ids_of, row_kind, tokenize_row
+from ..runtime import progress
 from ..tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def score_ref_logps(
     accelerator = accelerator or Accelerator()
     max_positions = getattr(reference.config.get_text_config(), "max_position_embeddings", None)
     views = []
-    for i, example in enumerate(tqdm(dataset, desc="Tokenising", disable=not accelerator.is_main_process)):
+    for i, example in enumerate(dataset):
         view = reference_view(example, tokenizer, drop_prompt, i, chat_template)
         if max_positions is not None and len(view["input_ids"]) > max_positions:
             raise ValueError(
@@ -79,7 +79,7 @@ def score_ref_logps(
     device = next(reference.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = []
-    for batch in tqdm(batches, desc="Scoring (ref_logps)", disable=not accelerator.is_main_process):
+    for batch in progress(batches, desc="Scoring (ref_logps)", enabled=accelerator.is_main_process):
         width = max(len(views[i]["input_ids"]) for i in batch)
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)

@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime import distributed_state
+from ..runtime import distributed_state, progress
 from .base import ConfigError, ModelKeys, RowsStage, Stage, StageContext, load_stage_rows, require, stage_output
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,6 @@ def _questions(cfg, name: str) -> list[dict]:
 
 def _sample_chunks(cfg, questions: list[dict], chunks: list[int], chunk_dir: Path, state) -> None:
     import torch
-    from tqdm.auto import tqdm
 
     from ..data import prompt_ids
     from ..models import generate, load_model, load_tokenizer
@@ -147,7 +146,7 @@ def _sample_chunks(cfg, questions: list[dict], chunks: list[int], chunk_dir: Pat
         len(chunks) * state.num_processes,
         state.num_processes,
     )
-    for c in tqdm(chunks, desc=f"Sampling ({per_chunk} sequences per chunk)", disable=not state.is_main_process):
+    for c in progress(chunks, desc=f"Sampling ({per_chunk} sequences per chunk)", enabled=state.is_main_process):
         qs = questions[c * cfg.chunk_questions : (c + 1) * cfg.chunk_questions]
         prompts = [prompt_ids({"prompt": fewshot_prompt(cfg.fewshot, q["prompt"])}, tokenizer) for q in qs]
         torch.manual_seed(cfg.seed * 1_000_003 + c)  # per chunk: the same samples however the run is split

@@ -7,16 +7,19 @@ its last checkpoint. The saved folder is a plain model (or PEFT adapter) with it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..runtime import distributed_state
+from ..runtime import distributed_state, is_terminal
 from .base import ConfigError, ModelKeys, RowsStage, Stage, StageContext, load_stage_rows, require, stage_output
 
 logger = logging.getLogger(__name__)
@@ -63,6 +66,14 @@ class SFTConfig(RowsStage, ModelKeys):
     stop_check_from: int = field(default=0, metadata={"help": "First step at which the accuracy is checked."})
     stop_check_every: int = field(default=25, metadata={"help": "Steps between accuracy checks."})
     stop_max_new_tokens: int = field(default=64, metadata={"help": "Greedy decoding budget of the checks."})
+    reward_curve_dataset: str = field(
+        default="",
+        metadata={
+            "help": "keyword_length rows (prompt, keyword) sampled before training and every reward_curve_every "
+            "steps; each check's mean true reward goes to the log history (the aligndistil mini's convergence)."
+        },
+    )
+    reward_curve_every: int = field(default=10, metadata={"help": "Steps between reward_curve_dataset checks."})
 
     def trainer_config_class(self):
         from trl import SFTConfig as TrlSFTConfig
@@ -117,7 +128,7 @@ def run(stage: Stage, ctx: StageContext) -> None:
     dataset = load_stage_rows(cfg)
     if cfg.stage == "train":
         _check_signal_meta(stage, tokenizer)
-    else:
+    elif "input_ids" not in dataset.column_names:  # pre-tokenised rows go to TRL as they are (it skips preparation)
         check_rows(dataset)  # TRL's SFTTrainer would fail on a bad row with a message that names neither it nor why
     if cfg.stage == "sft" and cfg.drop_prompt:
         dataset = _drop_prompt_rows(dataset, tokenizer)
@@ -126,7 +137,12 @@ def run(stage: Stage, ctx: StageContext) -> None:
     dataset, eval_dataset = _eval_split(stage, dataset)
     extra = _reference(stage, trainer_cls) if cfg.stage == "train" else {}
     stoppers = [AccuracyStop(cfg, tokenizer)] if cfg.stop_accuracy > 0 else []
-    with stage_output(stage, ctx, keep_partial=True) as tmp:
+    curve = []
+    if cfg.reward_curve_dataset:
+        from ..tasks.keyword_length import RewardCurve
+
+        curve = [RewardCurve(cfg.reward_curve_dataset, tokenizer, cfg.reward_curve_every, cfg.seed)]
+    with stage_output(stage, ctx, keep_partial=True) as tmp, tracker_env(stage, tmp):
         args = config_cls(output_dir=str(tmp), seed=cfg.seed, **_trainer_kwargs(stage))  # before the model: ZeRO-3
         _check_schedule(stage, args)
         model = load_model(cfg.model, **cfg.model_kwargs(trainable=True))
@@ -137,15 +153,19 @@ def run(stage: Stage, ctx: StageContext) -> None:
             eval_dataset=eval_dataset,
             processing_class=tokenizer,
             peft_config=peft_config,
-            callbacks=stoppers,
+            callbacks=stoppers + curve,
             **extra,
         )
+        show_progress(trainer)
+        for stopper in stoppers:  # the accuracy checks go to the run's trackers too
+            stopper.trackers = tracker_callbacks(trainer)
         last = _resume_point(stage, tmp)
         start = time.time()
         result = trainer.train(resume_from_checkpoint=last)
         trainer.save_model(str(tmp))
         if trainer.accelerator.is_main_process:
-            _check_saved_weights(tmp, trainer.accelerator.unwrap_model(trainer.model))
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            _check_saved_weights(tmp, unwrapped, getattr(trainer, "saved_parameters", None))
             tokenizer.save_pretrained(str(tmp))
             for ckpt in tmp.glob("checkpoint-*"):
                 shutil.rmtree(ckpt)
@@ -204,10 +224,28 @@ def _trainer_kwargs(stage: Stage) -> dict:
     """The trainer config keys: the stage's, with tokentrain's defaults: no tracker unless asked; bf16 only where the
     machine has it (TRL's default `bf16=True` fails on a CPU); at most 2 checkpoints kept; the model card and hub repo
     named after the stage's output folder (the trainer writes to `<output_dir>.tmp`)."""
-    kwargs = {"report_to": "none", "logging_steps": 10, "save_total_limit": 2, **stage.trainer_kwargs}
+    kwargs = {
+        "report_to": "none",
+        "logging_steps": 10,
+        "save_total_limit": 2,
+        "include_num_input_tokens_seen": "non_padding",  # tokens/s in the logs (one gathered count per micro-batch)
+        **stage.trainer_kwargs,
+    }
     if "bf16" not in kwargs and not kwargs.get("fp16"):
         kwargs["bf16"] = _bf16_supported()
+    # transformers 5 names: activation_checkpointing (TRL's default: on); the old names only warn
+    for old, new in (
+        ("gradient_checkpointing", "activation_checkpointing"),
+        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+    ):
+        if old in kwargs:
+            if new in kwargs and kwargs[new] != kwargs[old]:
+                raise ConfigError(f"{stage.name}: {old} and {new} are the same setting; give one")
+            kwargs[new] = kwargs.pop(old)
+    kwargs.setdefault("activation_checkpointing", True)
+    kwargs.setdefault("dataloader_pin_memory", _cuda())  # pinned memory needs an accelerator
     kwargs.setdefault("hub_model_id", Path(stage.config.output_dir).name)
+    kwargs.setdefault("run_name", tracker_names(stage)[0])  # trackers: `<recipe>/<stage>`
     kwargs.pop("resume_from_checkpoint", None)  # honoured by _resume_point, not by TrainingArguments
     return kwargs
 
@@ -248,13 +286,17 @@ def _resume_point(stage: Stage, tmp: Path) -> str | None:
     return None
 
 
-def _check_saved_weights(folder: Path, model) -> None:
+def _check_saved_weights(folder: Path, model, saved_parameters=None) -> None:
     """The final save holds every weight (read back from its safetensors headers) before any checkpoint is deleted:
     a sharded state dict (FSDP's SHARDED_STATE_DICT) saves none through `save_model`, and the checkpoints would then
-    be the only copy. Counts parameters: the adapter's trainable ones for a PEFT model, else all (tied once)."""
+    be the only copy. Counts parameters: the adapter's trainable ones for a PEFT model, else all (tied once), or what
+    the trainer's `saved_parameters(model)` says it saves (concept_heads: only the heads in phase heads, no head in
+    the phase-2 model), in every safetensors file under `folder` outside the checkpoints."""
     from safetensors import safe_open
 
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(
+        p for p in folder.rglob("*.safetensors") if not p.relative_to(folder).parts[0].startswith("checkpoint-")
+    )
     saved = 0
     for f in files:
         with safe_open(str(f), framework="pt") as handle:
@@ -267,6 +309,8 @@ def _check_saved_weights(folder: Path, model) -> None:
     peft = hasattr(model, "peft_config")
     # ds_numel: a ZeRO-3 partitioned parameter's full size (its local numel is 0); FSDP2's DTensor gives the full size
     expected = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad or not peft)
+    if saved_parameters is not None:
+        expected = saved_parameters(model)
     if saved < expected:
         raise RuntimeError(
             f"the final save in {folder} holds {saved:,} parameters of the model's {expected:,} "
@@ -279,6 +323,82 @@ def _bf16_supported() -> bool:
     import torch
 
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def show_progress(trainer) -> None:
+    """Replace Trainer's progress bar and metric printer with `TrainProgress` (one bar on a terminal, a line per ~10%
+    in a file, metrics on one line each with tokens/s)."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(TrainProgress())
+
+
+class TrainProgress(TrainerCallback):
+    """Training progress as a person reads it: on a terminal a tqdm bar with each log as one line above it; in a file
+    (a SLURM .out) a line at every ~10% of the steps; on the main process only. Log lines read
+    `step 30/200: loss 1.23, grad_norm 1.4, learning_rate 0.0029, tokens/s 12,345, <metric> ...`."""
+
+    def __init__(self):
+        self.bar, self.next_mark, self.start = None, 1, 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.time()
+        if state.is_world_process_zero and is_terminal():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="Training")
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+        elif state.max_steps and state.global_step * 10 >= self.next_mark * state.max_steps:
+            self.next_mark = state.global_step * 10 // state.max_steps + 1
+            elapsed = time.time() - self.start
+            logger.info(
+                "training: step %d/%d (%d%%), %.0f s elapsed",
+                state.global_step,
+                state.max_steps,
+                100 * state.global_step // state.max_steps,
+                elapsed,
+            )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        logs = dict(logs)
+        speed = logs.pop("train_tokens_per_second", None)
+        for key in (
+            "epoch",
+            "num_input_tokens_seen",
+            "train_runtime",
+            "train_samples_per_second",
+            "train_steps_per_second",
+            "total_flos",
+        ):
+            logs.pop(key, None)
+        parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()]
+        if speed:
+            parts.append(f"tokens/s {speed:,.0f}")
+        line = f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts)
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            logger.info("%s", line)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _peft_config(stage: Stage):
@@ -387,6 +507,7 @@ class AccuracyStop(TrainerCallback):
         self.rows = list(load_rows(cfg.stop_dataset))
         self.prompts = [prompt_ids(r, tokenizer) for r in self.rows]
         self.checks: list[dict] = []
+        self.trackers: list = []  # the trainer's tracker callbacks (`tracker_callbacks`), set once it is built
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         from ..models import generate
@@ -400,9 +521,67 @@ class AccuracyStop(TrainerCallback):
         model.train(was_training)
         acc = accuracy(self.grade(t, str(r["gold"])) for t, r in zip(texts, self.rows))["accuracy"]
         self.checks.append({"step": step, "accuracy": acc})
+        for tracker in self.trackers:  # as `eval/greedy_accuracy` at this step
+            tracker.on_log(args, state, control, logs={"eval_greedy_accuracy": acc})
         logger.info(
             "step %d: greedy accuracy on %s %.3f (stop at %.3f)", step, cfg.stop_dataset, acc, cfg.stop_accuracy
         )
         if acc >= cfg.stop_accuracy:
             control.should_training_stop = True
         return control
+
+
+# ------------------------------------------------------------------------------------------------------- trackers
+
+
+def tracker_names(stage: Stage) -> tuple[str, str]:
+    """(run_name, group) of a stage for the trackers. run_name is `<recipe>/<stage>`: the run folder's name
+    (runs/<recipe> by default), then the stage's place in it (`mini/01_sft_base`; inside grids
+    `mini/seeds/seed0/lrs/lr3e-05/01_dpo`). The group is the run folder: one per `tokentrain run`."""
+    top = Path(stage.variables.get("top_dir") or ".").resolve()
+    here = Path(stage.variables.get("run_dir") or top).resolve()
+    place = here.relative_to(top).parts if here.is_relative_to(top) else ()
+    return "/".join([top.name, *place, stage.name]), str(top)
+
+
+@contextlib.contextmanager
+def tracker_env(stage: Stage, out: Path):
+    """For the duration of a stage: wandb's group (WANDB_RUN_GROUP) is the run folder, and TensorBoard writes its event
+    files to `<output_dir>/tensorboard` (TENSORBOARD_LOGGING_DIR), unless the environment sets them already. A wandb
+    run is finished with its stage (transformers leaves it open: the next stage in the process would log into it)."""
+    values = {"WANDB_RUN_GROUP": tracker_names(stage)[1], "TENSORBOARD_LOGGING_DIR": str(Path(out) / "tensorboard")}
+    added = {k: v for k, v in values.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and getattr(wandb, "run", None) is not None:
+            wandb.finish()
+
+
+def tracker_callbacks(trainer) -> list:
+    """The trainer's tracker callbacks: those transformers made for its `report_to` (tensorboard, wandb, trackio)."""
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    kinds = tuple(get_reporting_integration_callbacks(trainer.args.report_to))
+    return [cb for cb in trainer.callback_handler.callbacks if kinds and isinstance(cb, kinds)]
+
+
+def report_to_trackers(stage: Stage, out: Path, report_to, scalars: dict[str, float]) -> None:
+    """Send one set of scalars (an evaluate stage's results; `eval_` keys show as `eval/...`) to the trackers of
+    `report_to`, through transformers' own tracker callbacks, as a run of its own named and grouped as a training
+    stage's."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers.integrations import get_reporting_integration_callbacks
+
+    with tracker_env(stage, out):
+        args = TrainingArguments(output_dir=str(out), report_to=report_to, run_name=tracker_names(stage)[0])
+        state, control = TrainerState(), TrainerControl()
+        for kind in get_reporting_integration_callbacks(args.report_to):
+            tracker = kind()
+            tracker.on_train_begin(args, state, control)
+            tracker.on_log(args, state, control, logs=scalars)
+            tracker.on_train_end(args, state, control)
