@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ def run_launch(*args: str, env: dict[str, str] | None = None, cwd: Path | None =
     keep = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("SLURM_")
+        if not k.startswith(("SLURM_", "SLURMD_"))
         and k not in {"ACCEL_CONFIG", "DRY_RUN", "GPUS_PER_NODE", "MASTER_PORT", "ACCELERATE_USE_CPU"}
     }
     return subprocess.run(
@@ -72,62 +73,248 @@ def test_dry_run_env_var_and_cpu_config(tmp_path):
     assert argv[5:] == ["-m", "tokentrain.cli", "run", "recipes/x"]
 
 
-def test_dry_run_slurm(tmp_path):
-    # A fake `scontrol show hostnames NODELIST` that expands the list the way SLURM does.
-    scontrol = tmp_path / "scontrol"
-    scontrol.write_text(
-        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu-[07-08]" ] || exit 1\necho gpu-07\necho gpu-08\n'
+# ------------------------------------------------------------------------------------------------ launch.sh under SLURM
+
+# The programs launch.sh runs, and nothing else: a PATH made of links to them, so that a real `scontrol` or
+# `nvidia-smi` on the machine running the tests cannot leak in.
+TOOLS = ("bash", "cat", "dirname", "grep", "head", "hostname", "ls", "sed", "tr")
+
+
+@pytest.fixture
+def bin_dir(tmp_path):
+    path = tmp_path / "bin"
+    path.mkdir()
+    for tool in TOOLS:
+        found = shutil.which(tool)
+        assert found, tool
+        (path / tool).symlink_to(found)
+    return path
+
+
+def fake_scontrol(bin_dir: Path, nodelist: str, hosts: list[str]) -> Path:
+    """`scontrol show hostnames NODELIST` as SLURM answers it, for this one node list: anything else exits 1, so a
+    test also checks which node list launch.sh passed. Every call is logged to scontrol.log."""
+    log = bin_dir / "scontrol.log"
+    script = bin_dir / "scontrol"
+    script.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {shlex.quote(str(log))}\n'
+        f'[ "$1 $2" = "show hostnames" ] && [ "$3" = {shlex.quote(nodelist)} ] && [ $# -eq 3 ] || exit 1\n'
+        f"printf '%s\\n' {' '.join(shlex.quote(h) for h in hosts)}\n"
     )
-    scontrol.chmod(0o755)
+    script.chmod(0o755)
+    return log
+
+
+def slurm_env(bin_dir: Path, nodes: int, rank: int, nodelist: str, job_id: str = "4242", **extra: str) -> dict:
+    """The variables `srun --ntasks-per-node=1` sets in each task of a `nodes`-node job (the ones launch.sh reads)."""
     env = {
-        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_JOB_ID": "1",
-        "SLURM_NNODES": "2",
-        "SLURM_NODEID": "1",
-        "SLURM_JOB_NODELIST": "gpu-[07-08]",
-        "GPUS_PER_NODE": "4",
+        "PATH": str(bin_dir),
+        "SLURM_JOB_ID": job_id,
+        "SLURM_JOB_NUM_NODES": str(nodes),
+        "SLURM_NNODES": str(nodes),
+        "SLURM_STEP_NUM_NODES": str(nodes),
+        "SLURM_NTASKS": str(nodes),
+        "SLURM_STEP_NUM_TASKS": str(nodes),
+        "SLURM_NODEID": str(rank),
+        "SLURM_PROCID": str(rank),
+        "SLURM_STEP_ID": "0",
+        "SLURM_STEPID": "0",
+        "SLURM_JOB_NODELIST": nodelist,
+        "SLURM_NODELIST": nodelist,
+        "SLURM_STEP_NODELIST": nodelist,
     }
+    env.update(extra)
+    return env
+
+
+def topology(argv: list[str]) -> list[str]:
+    """The flags launch.sh put between the config file and `-m tokentrain.cli`."""
+    return argv[argv.index("--config_file") + 2 : argv.index("-m")]
+
+
+# (node list, its hosts as scontrol expands it): the forms SLURM prints
+NODELISTS_2 = [
+    ("gpu-[07-08]", ["gpu-07", "gpu-08"]),
+    ("a100-node1,a100-node2", ["a100-node1", "a100-node2"]),
+    ("node[9-10]", ["node9", "node10"]),
+]
+NODELISTS_4 = [
+    ("n[1-3,5]", ["n1", "n2", "n3", "n5"]),
+    ("rack[1-2]-gpu[3-4]", ["rack1-gpu3", "rack1-gpu4", "rack2-gpu3", "rack2-gpu4"]),
+    ("node[008-010],login1", ["node008", "node009", "node010", "login1"]),
+    ("h1,h2,h3,h4", ["h1", "h2", "h3", "h4"]),
+]
+
+
+@pytest.mark.parametrize(("nodelist", "hosts"), NODELISTS_2)
+@pytest.mark.parametrize("rank", [0, 1])
+def test_slurm_two_nodes(bin_dir, nodelist, hosts, rank):
+    log = fake_scontrol(bin_dir, nodelist, hosts)
+    env = slurm_env(bin_dir, 2, rank, nodelist, GPUS_PER_NODE="4")
     argv = printed_command(run_launch("--dry-run", "recipes/x", "--max_steps", "3", env=env))
-    assert flag(argv, "--num_machines") == "2"
-    assert flag(argv, "--machine_rank") == "1"
-    assert flag(argv, "--main_process_ip") == "gpu-07"  # the first host: the same on every node
-    assert flag(argv, "--main_process_port") == "29500"
-    assert flag(argv, "--num_processes") == "8"  # 2 nodes x 4 GPUs
-    assert flag(argv, "--rdzv_backend") == "c10d"
-    assert argv[argv.index("-m") :] == ["-m", "tokentrain.cli", "run", "recipes/x", "--max_steps", "3"]
-
-
-def test_dry_run_slurm_fallbacks(tmp_path):
-    # scontrol gives nothing -> SLURM_LAUNCH_NODE_IPADDR; no GPUS_PER_NODE -> SLURM_GPUS_ON_NODE; rank from SLURM_PROCID.
-    scontrol = tmp_path / "scontrol"
-    scontrol.write_text("#!/bin/sh\nexit 1\n")
-    scontrol.chmod(0o755)
-    env = {
-        "PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}",
-        "SLURM_JOB_ID": "1",
-        "SLURM_NNODES": "3",
-        "SLURM_PROCID": "2",
-        "SLURM_JOB_NODELIST": "n[1-3]",
-        "SLURM_LAUNCH_NODE_IPADDR": "10.0.0.5",
-        "SLURM_GPUS_ON_NODE": "8",
-        "MASTER_PORT": "12345",
-    }
-    argv = printed_command(run_launch("--dry-run", "recipes/x", env=env))
-    assert [
-        flag(argv, f) for f in ("--num_machines", "--machine_rank", "--main_process_ip", "--main_process_port")
-    ] == [
-        "3",
+    assert argv[:4] == ["accelerate", "launch", "--config_file", str(CONFIGS / "ddp.yaml")]
+    assert topology(argv) == [
+        "--num_machines",
         "2",
-        "10.0.0.5",
-        "12345",
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        hosts[0],  # the first host: the same on every node
+        "--main_process_port",
+        str(15000 + 4242),  # 15000 + job ID mod 15000
+        "--num_processes",
+        "8",  # 2 nodes x 4 GPUs
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_conf",
+        f"is_host={int(rank == 0)}",  # the main node hosts torchrun's rendezvous store
     ]
-    assert flag(argv, "--num_processes") == "24"
+    assert argv[argv.index("-m") :] == ["-m", "tokentrain.cli", "run", "recipes/x", "--max_steps", "3"]
+    assert log.read_text().splitlines() == [f"show hostnames {nodelist}"]
 
 
-def test_slurm_more_than_one_task_per_node_is_an_error():
-    proc = run_launch("--dry-run", "recipes/x", env={"SLURM_JOB_ID": "1", "SLURM_NNODES": "2", "SLURM_NTASKS": "16"})
+@pytest.mark.parametrize(("nodelist", "hosts"), NODELISTS_4)
+@pytest.mark.parametrize("rank", [0, 1, 2, 3])
+def test_slurm_four_nodes(bin_dir, nodelist, hosts, rank):
+    fake_scontrol(bin_dir, nodelist, hosts)
+    # no GPUS_PER_NODE: SLURM's count of the node's GPUs, in its "type:count" form
+    env = slurm_env(bin_dir, 4, rank, nodelist, job_id="123456", SLURM_GPUS_ON_NODE="h100:8")
+    argv = printed_command(run_launch("--dry-run", "recipes/x", env=env))
+    assert topology(argv) == [
+        "--num_machines",
+        "4",
+        "--machine_rank",
+        str(rank),
+        "--main_process_ip",
+        hosts[0],
+        "--main_process_port",
+        str(15000 + 123456 % 15000),  # 21456
+        "--num_processes",
+        "32",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_conf",
+        f"is_host={int(rank == 0)}",
+    ]
+
+
+def test_slurm_step_variables_win_over_the_job_ones(bin_dir):
+    # `srun -N2` inside a 4-node job: the step's nodes, not the job's (there SLURM_NODELIST is the job's list).
+    fake_scontrol(bin_dir, "n[3-4]", ["n3", "n4"])
+    env = slurm_env(
+        bin_dir, 4, 1, "n[1-4]", SLURM_STEP_NUM_NODES="2", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="n[3-4]"
+    )
+    env["SLURM_NNODES"] = "2"  # what srun sets in a step
+    argv = printed_command(run_launch("--dry-run", "recipes/x", env={**env, "GPUS_PER_NODE": "2"}))
+    assert flag(argv, "--num_machines") == "2"
+    assert flag(argv, "--main_process_ip") == "n3"
+    assert flag(argv, "--num_processes") == "4"
+
+
+def test_slurm_port_per_job(bin_dir):
+    """MASTER_PORT = 15000 + job ID mod 15000 (15000-29999, under the ephemeral range): jobs sharing a node differ."""
+    fake_scontrol(bin_dir, "n[1-2]", ["n1", "n2"])
+
+    def port(job_id, **extra):
+        argv = printed_command(run_launch("--dry-run", "r", env=slurm_env(bin_dir, 2, 0, "n[1-2]", job_id, **extra)))
+        return int(flag(argv, "--main_process_port"))
+
+    assert [port(j) for j in ("1", "101", "102", "14999", "15000", "29999", "30000", "987654321")] == [
+        15001,
+        15101,
+        15102,
+        29999,
+        15000,
+        29999,
+        15000,
+        15000 + 987654321 % 15000,
+    ]
+    assert port("101", MASTER_PORT="12345") == 12345  # MASTER_PORT wins
+    bad = run_launch("--dry-run", "r", env=slurm_env(bin_dir, 2, 0, "n[1-2]", "101", MASTER_PORT="http"))
+    assert bad.returncode == 2 and "MASTER_PORT must be a port number, got 'http'" in bad.stderr
+    odd = run_launch("--dry-run", "r", env=slurm_env(bin_dir, 2, 0, "n[1-2]", "12_3"))
+    assert odd.returncode == 2 and "SLURM_JOB_ID '12_3' is not a number: set MASTER_PORT" in odd.stderr
+
+
+def test_slurm_single_node(bin_dir):
+    # One node: no scontrol needed (this node is the main one), static rendezvous, the per-job port all the same.
+    env = slurm_env(bin_dir, 1, 0, "gpu-03", job_id="77", SLURMD_NODENAME="gpu-03", GPUS_PER_NODE="8")
+    argv = printed_command(run_launch("--dry-run", "recipes/x", env=env))
+    assert topology(argv) == [
+        "--num_machines",
+        "1",
+        "--machine_rank",
+        "0",
+        "--main_process_ip",
+        "gpu-03",
+        "--main_process_port",
+        "15077",
+        "--num_processes",
+        "8",
+    ]
+    # without SLURMD_NODENAME: this host's name; outside srun (a one-node batch script) is fine
+    env = {k: v for k, v in env.items() if k not in ("SLURMD_NODENAME", "SLURM_STEP_ID", "SLURM_STEPID")}
+    argv = printed_command(run_launch("--dry-run", "recipes/x", env=env))
+    assert (
+        flag(argv, "--main_process_ip") == subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    )
+
+
+def test_slurm_cpu_config_runs_its_processes_per_node(bin_dir):
+    # cpu.yaml: 2 gloo processes per node unless GPUS_PER_NODE says otherwise
+    fake_scontrol(bin_dir, "c[1-2]", ["c1", "c2"])
+    env = slurm_env(bin_dir, 2, 1, "c[1-2]", ACCEL_CONFIG="cpu")
+    argv = printed_command(run_launch("--dry-run", "recipes/x", env=env))
+    assert argv[0] == "ACCELERATE_USE_CPU=true"
+    assert flag(argv, "--num_processes") == "4"
+    argv = printed_command(run_launch("--dry-run", "recipes/x", env={**env, "GPUS_PER_NODE": "1"}))
+    assert flag(argv, "--num_processes") == "2"
+
+
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_slurm_without_scontrol_on_several_nodes_is_an_error(bin_dir, nodes):
+    proc = run_launch("--dry-run", "recipes/x", env=slurm_env(bin_dir, nodes, 1, f"n[1-{nodes}]"))
     assert proc.returncode == 2
-    assert "one task per node" in proc.stderr
+    assert f"scontrol not found on PATH: it expands the node list 'n[1-{nodes}]'" in proc.stderr
+    assert f"on {nodes} nodes" in proc.stderr
+    assert "launch.sh: accelerate" not in proc.stdout  # nothing launched
+
+
+def test_slurm_failing_scontrol_on_several_nodes_is_an_error(bin_dir):
+    fake_scontrol(bin_dir, "other[1-2]", ["other1", "other2"])  # answers nothing for this job's list
+    proc = run_launch("--dry-run", "recipes/x", env=slurm_env(bin_dir, 2, 0, "n[1-2]"))
+    assert proc.returncode == 2
+    assert "'scontrol show hostnames n[1-2]' gave no host" in proc.stderr
+
+
+def test_slurm_several_nodes_outside_srun_is_an_error(bin_dir):
+    # launch.sh run by a 2-node batch script itself: only one node would start, the other never joins
+    fake_scontrol(bin_dir, "n[1-2]", ["n1", "n2"])
+    env = {k: v for k, v in slurm_env(bin_dir, 2, 0, "n[1-2]").items() if not k.startswith("SLURM_STEP")}
+    proc = run_launch("--dry-run", "recipes/x", env=env)
+    assert proc.returncode == 2 and "not inside an srun step: run 'srun bash launch.sh ...'" in proc.stderr
+
+
+def test_slurm_more_than_one_task_per_node_is_an_error(bin_dir):
+    env = slurm_env(bin_dir, 2, 0, "n[1-2]", SLURM_NTASKS="16", SLURM_STEP_NUM_TASKS="16")
+    proc = run_launch("--dry-run", "recipes/x", env=env)
+    assert proc.returncode == 2
+    assert "16 SLURM tasks on 2 node(s): run one task per node" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"SLURM_NODEID": "2"}, "SLURM_NODEID=2 is not a node index of a 2-node step"),
+        ({"SLURM_STEP_NUM_NODES": "two"}, "SLURM's node count is not a number: 'two'"),
+        ({"GPUS_PER_NODE": "eight"}, "GPUS_PER_NODE must be a number, got 'eight'"),
+    ],
+)
+def test_slurm_bad_variables(bin_dir, extra, message):
+    fake_scontrol(bin_dir, "n[1-2]", ["n1", "n2"])
+    proc = run_launch("--dry-run", "recipes/x", env=slurm_env(bin_dir, 2, 0, "n[1-2]", **extra))
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_usage_and_errors():

@@ -426,3 +426,23 @@ def test_evaluate_without_signals_is_unweighted_mean_nll(
             count += int(valid.sum())
     assert count == sum(len(r["completion_ids"]) for r in scored_rows[6:11])
     assert metrics["eval_loss"] == pytest.approx(nll / count, abs=1e-5)
+
+
+def test_metrics_are_gathered_once_per_log_not_per_metric(scored_rows, make_trainer, tmp_path):
+    """4 steps x GA 2 with 3 metrics, logged every 2 steps: 2 gathers in all (one per log, all metrics stacked), where
+    the per-metric, per-micro-batch gather made 24; the logged values are Σsum / Σcount over the window."""
+    trainer = make_trainer(
+        dataset_for(scored_rows[:8], "prior"),
+        tmp_path,
+        weighting="prior",
+        per_device_train_batch_size=1,
+        gradient_accumulation_steps=2,
+        **{**ONE_SGD_STEP, "max_steps": 4, "logging_steps": 2, "learning_rate": 0.01},
+    )
+    calls = []
+    real = trainer.accelerator.gather_for_metrics
+    trainer.accelerator.gather_for_metrics = lambda x, *a, **k: calls.append(tuple(x.shape)) or real(x, *a, **k)
+    trainer.train()
+    assert calls == [(1, 3, 2), (1, 3, 2)]  # (processes, metrics: nll, ref_nll, weight_max, (sum, count))
+    logged = [h for h in trainer.state.log_history if "weighted_ntp/nll" in h]
+    assert len(logged) == 2 and all(h["weighted_ntp/nll"] > 0 for h in logged)

@@ -62,6 +62,7 @@ class TokenSFTTrainer(SFTTrainer):
         )
         # The loss is divided by the step's global count, so Trainer must not divide by the accumulation steps again.
         self.loss_is_scaled_for_ga = True
+        self._pending_metrics: dict[str, torch.Tensor] = {}  # name -> (sum, count) on the device, until `log`
         self._announce()
 
     # ---------------------------------------------------------------------------------------------------- data
@@ -166,12 +167,26 @@ class TokenSFTTrainer(SFTTrainer):
 
         with torch.no_grad():
             metrics["nll"] = (-logps.detach().sum(), mask.sum())
-            for name, (total, count) in metrics.items():
+            for name, (total, count) in metrics.items():  # summed on the device until the next log
                 pair = torch.stack([torch.as_tensor(total, dtype=torch.float32), torch.as_tensor(count).float()])
-                pair = self.accelerator.gather_for_metrics(pair.to(logps.device).unsqueeze(0)).sum(0)
-                if pair[1] > 0:
-                    self._metrics["train"][f"{self.metric_prefix}/{name}"].append((pair[0] / pair[1]).item())
+                pending = self._pending_metrics.get(name)
+                pair = pair.to(logps.device)
+                self._pending_metrics[name] = pair if pending is None else pending + pair
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs, start_time=None):
+        """Every `<metric_prefix>/<name>` of the logging window: one gather of all (sum, count) pairs and one host
+        transfer per log, not one per metric and micro-batch; logged as Σsum / Σcount over the window and processes.
+        Trainer calls `log` on every process at the same steps."""
+        pending, self._pending_metrics = self._pending_metrics, {}
+        if pending:
+            names = sorted(pending)
+            stacked = torch.stack([pending[n] for n in names])  # (M, 2)
+            totals = self.accelerator.gather_for_metrics(stacked.unsqueeze(0)).sum(0).tolist()  # one transfer
+            for name, (total, count) in zip(names, totals):
+                if count > 0:
+                    self._metrics["train"][f"{self.metric_prefix}/{name}"] = [total / count]
+        super().log(logs, start_time)
 
 
 def _refuse_unsupported(args: SFTConfig) -> None:
