@@ -412,3 +412,21 @@ def test_frozen_models_load_outside_zero3_init(tiny_model_dir, monkeypatch):
     load_model(tiny_model_dir, trainable=False)
     assert seen == [False]  # frozen: outside zero.Init
     assert hf_deepspeed.is_deepspeed_zero3_enabled()  # and the training stage's setting is back afterwards
+
+
+def test_with_several_processes_a_checkpoint_needs_every_ranks_rng_state(tmp_path, monkeypatch):
+    """The main process writes trainer_state.json without waiting for the other ranks' RNG states."""
+    import types
+
+    import tokentrain.stages.train as train_stage
+
+    state = types.SimpleNamespace(num_processes=2, is_main_process=True, wait_for_everyone=lambda: None)
+    monkeypatch.setattr(train_stage, "distributed_state", lambda: state)
+    tmp = tmp_path / "o.tmp"
+    for step, ranks in ((2, (0, 1)), (4, (0,))):
+        folder = tmp / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text("{}")
+        for r in ranks:
+            (folder / f"rng_state_{r}.pth").write_text("x")
+    assert train_stage._resume_point(_stage(tmp_path), tmp) == str(tmp / "checkpoint-2")

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..runtime import distributed_state
 from .base import ConfigError, Stage, StageConfig, StageContext, stage_output
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,8 @@ def run(stage: Stage, ctx: StageContext) -> None:
         return [{**e2e.format_row(r["mr"], r["ref"]), "mr": r["mr"]} for r in rows]
 
     with stage_output(stage, ctx) as tmp:
+        if not distributed_state().is_main_process:  # one writer: every process would write the same files
+            return
         clean = [r for r in train if e2e.is_clean(r["mr"], r["ref"])]
         for name, rows in (("train", fmt(train)), ("test", fmt(test)), ("clean", fmt(clean))):
             _write_jsonl(tmp / f"{name}.jsonl", rows)
@@ -83,6 +86,8 @@ def _prepare_arith_chain(stage: Stage, ctx: StageContext) -> None:
         if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, int) for x in spec)):
             raise ConfigError(f"{stage.name}: splits.{name} must be [rows, seed], got {spec!r}")
     with stage_output(stage, ctx) as tmp:
+        if not distributed_state().is_main_process:
+            return
         for name, spec in cfg.splits.items():
             rows = [{"question_id": i, **row} for i, row in enumerate(make_problems(*spec))]
             _write_jsonl(tmp / f"{name}.jsonl", rows)

@@ -262,8 +262,9 @@ def _check_schedule(stage: Stage, args) -> None:
 def _resume_point(stage: Stage, tmp: Path) -> str | None:
     """The checkpoint to resume from: `resume_from_checkpoint` when given, else the last complete one in `tmp`.
 
-    A checkpoint is complete once the Trainer wrote its trainer_state.json (the last file it saves); one cut short
-    during saving is removed with a warning, and the run resumes from the one before it."""
+    A checkpoint is complete once the Trainer wrote its trainer_state.json (the main process's last file) and, with
+    several processes, every rank's RNG state; one cut short during saving is removed with a warning, and the run
+    resumes from the one before it."""
     explicit = stage.trainer_kwargs.get("resume_from_checkpoint")
     if explicit:
         if not (Path(explicit) / "trainer_state.json").is_file():
@@ -275,8 +276,11 @@ def _resume_point(stage: Stage, tmp: Path) -> str | None:
         key=lambda p: int(p.name.split("-")[-1]),
         reverse=True,
     )
+    processes = distributed_state().num_processes
     for ckpt in steps:
-        if (ckpt / "trainer_state.json").is_file():
+        # trainer_state.json is the main process's last file; the other ranks' RNG states may still be missing
+        ranks = [ckpt / f"rng_state_{i}.pth" for i in range(processes)] if processes > 1 else []
+        if (ckpt / "trainer_state.json").is_file() and all(r.is_file() for r in ranks):
             logger.info("%s: resuming from %s", stage.name, ckpt)
             return str(ckpt)
         logger.warning("%s: %s was cut short while saving (no trainer_state.json): removed", stage.name, ckpt)
