@@ -515,3 +515,9 @@ def test_reverse_dpo_swaps_sides_and_takes_an_explicit_reference(
     ]
     assert main(bad) == 2
     assert "ref_model has no effect with objective 'weighted_ntp'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("kind", "extra"), [("evaluate", ["--task", "arithmetic"]), ("generate", [])])
+def test_stage_help_with_a_percent_sign_in_a_help_text(kind, extra, capsys):
+    assert main([kind, *extra, "--help"]) == 0
+    assert "index % 4" in capsys.readouterr().out

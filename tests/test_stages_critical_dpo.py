@@ -588,3 +588,11 @@ def test_evaluate_on_two_processes_equals_one(arith, tmp_path):
     assert {k: one[k] for k in ("correct", "wrong", "unparsable")} == {
         k: two[k] for k in ("correct", "wrong", "unparsable")
     }
+
+
+def test_e2e_table_without_heldout_nll():
+    from tokentrain.stages.evaluate import format_table
+
+    row = {"slot_acc": 0.5, "realised": 1, "slots": 2, "heldout_nll": None}
+    table = format_table({"a_s0": row, "a_s1": {**row, "slot_acc": 0.7}})
+    assert "| a_s0 | 0.5000 (1/2) | - |" in table and "| a | 0.600 ± 0.141 | - |" in table

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import logging
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -236,11 +237,14 @@ def _help_class(cls, title: str, exclude: set[str]):
     fields = []
     for name in order:
         f = by_name[name]
+        metadata = dict(f.metadata)
+        if "help" in metadata:  # argparse %-formats help texts: a literal % (e.g. "index % 4") must be doubled
+            metadata["help"] = re.sub(r"%(?!%|\()", "%%", metadata["help"])
         fields.append(
             (
                 name,
                 hints[name],
-                dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=f.metadata),
+                dataclasses.field(default=f.default, default_factory=f.default_factory, metadata=metadata),
             )
         )
     out = dataclasses.make_dataclass(cls.__name__, fields)

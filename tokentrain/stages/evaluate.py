@@ -43,6 +43,10 @@ class Config(RowsStage, ModelKeys):
         default="question", metadata={"help": "Column matched against train_samples' questions (else `prompt`)."}
     )
     heldout_nll: bool = field(default=True, metadata={"help": "Also report the models' NLL of the gold completions."})
+    report_to: None | str | list[str] = field(
+        default="none",
+        metadata={"help": "Trackers that get the results, as in training: tensorboard, wandb, trackio, or none."},
+    )
 
 
 def run(stage: Stage, ctx: StageContext) -> dict:
@@ -114,6 +118,11 @@ def run(stage: Stage, ctx: StageContext) -> dict:
                     "PRIOR mean weight on value-first / value-rest / other / </s> tokens:", results["prior_diagnostic"]
                 )
             (tmp / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+            if cfg.report_to not in ("none", [], None):  # as `eval/<model>/<metric>`
+                from .train import report_to_trackers
+
+                scalars = {f"eval_{name}/{k}": v for name, r in results.items() for k, v in r.items() if _scalar(v)}
+                report_to_trackers(stage, tmp, cfg.report_to, scalars)
             models = {k: v for k, v in results.items() if k != "prior_diagnostic"}
             print(format_table(models) if cfg.task == "e2e" else format_accuracy_table(models))
     return results
@@ -212,6 +221,10 @@ def _prior_diagnostic(scored: str) -> dict:
     return prior_weight_diagnostic(list(rows), tokenizer, [w.tolist() for w in weights])
 
 
+def _scalar(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def read_summary(model_dir) -> dict:
     path = Path(str(model_dir)) / "train_summary.json"
     return json.loads(path.read_text()) if path.exists() else {}
@@ -223,9 +236,8 @@ def format_table(results: dict) -> str:
     groups: dict[str, list[dict]] = {}
     for name, r in results.items():
         secs = "" if r.get("train_seconds") is None else f"{r['train_seconds']:.0f}"
-        lines.append(
-            f"| {name} | {r['slot_acc']:.4f} ({r['realised']}/{r['slots']}) | {r['heldout_nll']:.4f} | {secs} |"
-        )
+        nll = "-" if r.get("heldout_nll") is None else f"{r['heldout_nll']:.4f}"
+        lines.append(f"| {name} | {r['slot_acc']:.4f} ({r['realised']}/{r['slots']}) | {nll} | {secs} |")
         groups.setdefault(re.sub(r"_s\d+$", "", name), []).append(r)
     multi = {k: v for k, v in groups.items() if len(v) > 1}
     if multi:
@@ -235,11 +247,11 @@ def format_table(results: dict) -> str:
             "|---|---|---|---|",
         ]
         for method, rs in multi.items():
-            acc, nll = [r["slot_acc"] for r in rs], [r["heldout_nll"] for r in rs]
+            acc, nll = [r["slot_acc"] for r in rs], [r["heldout_nll"] for r in rs if r.get("heldout_nll") is not None]
             per_seed = ", ".join(f"{a:.3f}" for a in acc)
+            nll_text = f"{statistics.mean(nll):.3f} ± {statistics.stdev(nll):.3f}" if len(nll) > 1 else "-"
             lines.append(
-                f"| {method} | {statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} | "
-                f"{statistics.mean(nll):.3f} ± {statistics.stdev(nll):.3f} | {per_seed} |"
+                f"| {method} | {statistics.mean(acc):.3f} ± {statistics.stdev(acc):.3f} | {nll_text} | {per_seed} |"
             )
     return "\n".join(lines)
 
