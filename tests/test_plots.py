@@ -19,6 +19,7 @@ from PIL import Image  # noqa: E402
 
 from tokentrain import plots  # noqa: E402
 from tokentrain.cli import main  # noqa: E402
+from tokentrain.reports import results  # noqa: E402
 from tokentrain.tasks.arithmetic import make_problems  # noqa: E402
 
 TRAIN = """\
@@ -228,7 +229,7 @@ def _eval(run: Path, rel: str) -> dict:
 
 
 def test_accuracy_against_learning_rate_is_the_mean_and_sd_over_seeds(run):
-    fig = plots.accuracy_vs_lr(plots.stage_outputs(run))
+    fig = plots.accuracy_vs_lr(results.stage_outputs(run))
     (ax,) = fig.axes
     curves = {c.get_label(): c for c in ax.containers}
     for model in ("dpo", "cdpo"):
@@ -246,7 +247,7 @@ def test_accuracy_against_learning_rate_is_the_mean_and_sd_over_seeds(run):
 
 
 def test_weight_plots_match_the_scored_pairs(run):
-    outputs = plots.stage_outputs(run)
+    outputs = results.stage_outputs(run)
     at_divergence, tokens = [], 0
     for seed in (0, 1):
         data = load_from_disk(str(run / "seeds" / f"seed{seed}" / "pairs_scored"))
@@ -265,7 +266,7 @@ def test_weight_plots_match_the_scored_pairs(run):
 
 
 def test_training_curves_and_prior_bars_plot_the_logged_numbers(run):
-    outputs = {o.rel: o for o in plots.stage_outputs(run)}
+    outputs = {o.rel: o for o in results.stage_outputs(run)}
     fig = plots.training_curves(outputs["seeds/seed0/lrs/lr0.001/cdpo"])
     summary = json.loads((run / "seeds/seed0/lrs/lr0.001/cdpo/train_summary.json").read_text())
     logged = [e for e in summary["log_history"] if "loss" in e]
@@ -336,7 +337,7 @@ def test_without_matplotlib_the_plots_say_how_to_install_it(run, tmp_path, monke
     monkeypatch.setattr(plots, "_matplotlib", missing)
     with pytest.raises(ImportError, match=r"pip install 'tokentrain\[plot\]'"):
         plots.plot_run(run / "base", tmp_path)
-    assert plots.results_table(run)  # results.csv needs no matplotlib
+    assert results.results_table(run)  # results.csv needs no matplotlib
 
 
 def test_results_table_reads_evaluations_that_nest_their_models(tmp_path):
@@ -347,7 +348,7 @@ def test_results_table_reads_evaluations_that_nest_their_models(tmp_path):
     (out / "_COMPLETE").write_text("complete\n")
     evaluation = {"models": {"m": {"win_rate": 0.25, "kl": {"mean": 1.5}, "rows": [1, 2]}}, "task": "kw", "prompts": 8}
     (out / "eval.json").write_text(json.dumps(evaluation))
-    rows = plots.results_table(tmp_path / "run")
+    rows = results.results_table(tmp_path / "run")
     assert [(r["run"], r["model"], r["metric"], r["value"]) for r in rows] == [
         ("elsewhere/m", "m", "win_rate", 0.25),
         ("elsewhere/m", "m", "kl/mean", 1.5),

@@ -521,3 +521,11 @@ def test_reverse_dpo_swaps_sides_and_takes_an_explicit_reference(
 def test_stage_help_with_a_percent_sign_in_a_help_text(kind, extra, capsys):
     assert main([kind, *extra, "--help"]) == 0
     assert "index % 4" in capsys.readouterr().out
+
+
+def test_a_bad_trainer_key_leaves_nothing_that_blocks_the_corrected_rerun(recipe, tmp_path, capsys):
+    assert run(recipe, tmp_path, "--only", "01_data") == 0
+    assert run(recipe, tmp_path, "--02_model.lr_scheduler_type", "not_a_schedule") == 2
+    assert "not_a_schedule" in capsys.readouterr().err
+    assert run(recipe, tmp_path) == 0  # corrected: runs, no "partial work started with other settings"
+    assert (tmp_path / "run" / "model" / "_COMPLETE").exists()

@@ -19,8 +19,7 @@ folder holds:
 Each PNG carries its title and, per panel, the title, axis labels and series labels in its text metadata
 (`Description`, JSON): a test or a script can check what a plot shows without reading pixels.
 
-`results_table` / `write_results_csv`: every number the stages of a run folder wrote (evaluations, training
-summaries, scoring and sampling summaries) as a tidy table, one row per run and metric, that `pandas.read_csv` reads.
+The walk and the tidy results.csv of the same numbers live in tokentrain/reports/results.py.
 
 matplotlib is an optional dependency (`pip install 'tokentrain[plot]'`); it is imported only when a plot is drawn,
 through its object-oriented API (no pyplot, no global backend).
@@ -28,21 +27,25 @@ through its object-oriented API (no pyplot, no global backend).
 
 from __future__ import annotations
 
-import csv
 import functools
-import itertools
 import json
 import math
 import os
 import statistics
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .stages.grid import combo_name
+from .reports.results import (
+    TRAIN_SUMMARY,
+    StageOutput,
+    _evaluated,
+    _is_number,
+    _num,
+    _read_json,
+    stage_outputs,
+)
 
 LR_VARIABLES = ("lr", "learning_rate")  # the grid variable a learning-rate sweep is named by
-TRAIN_SUMMARY = "train_summary.json"
 # logged keys that are counters or run totals, not curves
 NOT_CURVES = {"epoch", "step", "num_tokens", "num_input_tokens_seen", "train_runtime"}
 PAIRED = ("chosen", "rejected", "margins")  # TRL's preference metrics: one panel per prefix, one line per side
@@ -81,57 +84,6 @@ POSITIONS = 8  # weight_by_position: tokens shown on each side of the first dive
 
 class MissingMatplotlib(ImportError):
     """matplotlib is not installed."""
-
-
-@dataclass
-class StageOutput:
-    """One finished stage output of a run folder."""
-
-    path: Path
-    rel: str  # relative to the run folder, with "/"
-    kind: str  # its stage kind (config `stage`)
-    config: dict[str, Any]
-    variables: dict[str, Any]  # the grid variables of the combinations it sits in, e.g. {"seed": 0, "lr": 3e-05}
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    def json(self, name: str) -> Any:
-        return _read_json(self.path / name)
-
-    def label(self) -> str:
-        """Its grid variables ("seed 0, lr 3e-05"), or its folder when it has none."""
-        return ", ".join(f"{k} {_num(v)}" for k, v in self.variables.items()) or self.rel
-
-
-def stage_outputs(run_dir: str | Path) -> list[StageOutput]:
-    """Every finished stage output under `run_dir` (itself included), in folder order, with its grid variables."""
-    root = Path(run_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"run folder {root} does not exist")
-    found: list[StageOutput] = []
-
-    def visit(folder: Path, variables: dict[str, Any]) -> None:
-        record = _read_json(folder / "stage.json")
-        config = (record or {}).get("config") or {}
-        if record is not None and (folder / "_COMPLETE").exists():
-            rel = folder.relative_to(root).as_posix()
-            found.append(StageOutput(folder, rel, str(config.get("stage", "")), config, variables))
-        combos = {}
-        if config.get("stage") == "grid":  # its children are named after their variables (a running grid too)
-            grid = config.get("variables") or {}
-            for values in itertools.product(*grid.values()):
-                combo = dict(zip(grid, values))
-                combos[combo_name(combo)] = combo
-        elif record is not None:  # another stage's output: a model, a dataset, files; no stage output inside
-            return
-        for child in sorted(folder.iterdir()):
-            if child.is_dir() and not child.name.startswith(".") and not child.name.endswith(".tmp"):
-                visit(child, {**variables, **combos.get(child.name, {})})
-
-    visit(root, {})
-    return found
 
 
 # ------------------------------------------------------------------------------------------------------------ plots
@@ -404,56 +356,6 @@ def png_description(path: str | Path) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------------- tidy results
 
-RESULT_COLUMNS = ("run", "model", "stage", "source")  # then the grid variables, then metric and value
-
-
-def results_table(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every number of the run folder, one row per run and metric: `run` (the model or data folder measured, relative
-    to the run folder), `model` (its name in eval.json, or its folder), `stage` (the output that wrote it), `source`
-    (evaluate, train, score, generate), the grid variables (`seed`, `lr`, ...), `metric`, `value`."""
-    root = Path(run_dir).resolve()
-    rows: list[dict[str, Any]] = []
-    for o in stage_outputs(run_dir):
-        base = {"stage": o.rel, **o.variables}
-        folders, evaluated = o.config.get("models") or {}, _evaluated(o)
-        for model, metrics in evaluated.items():
-            run = _relative(folders[model], root) if model in folders else o.rel
-            rows += _metric_rows({**base, "run": run, "model": model, "source": "evaluate"}, metrics)
-        evaluation = o.json("eval.json") if o.kind == "evaluate" else None
-        if isinstance(evaluation, dict):  # what is not a model's: the PRIOR diagnostic, counts, ...
-            other = {k: v for k, v in evaluation.items() if k not in evaluated and k != "models"}
-            rows += _metric_rows({**base, "run": o.rel, "model": "", "source": "evaluate"}, other)
-        summary = o.json(TRAIN_SUMMARY)
-        if summary:
-            head = {**base, "run": o.rel, "model": o.name, "source": "train"}
-            rows += _metric_rows(head, {k: v for k, v in summary.items() if k != "log_history"})
-            checks = summary.get("accuracy_checks") or []
-            if checks:
-                rows += _metric_rows(head, {"accuracy_check_last": checks[-1]["accuracy"]})
-        for source, name in (("score", "signal_meta.json"), ("generate", "generate_summary.json")):
-            data = o.json(name)
-            if data:
-                rows += _metric_rows({**base, "run": o.rel, "model": "", "source": source}, data)
-    return rows
-
-
-def write_results_csv(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """`rows` (from `results_table`) as CSV: the fixed columns, the grid variables in order of appearance, metric,
-    value. Written atomically."""
-    variables = []
-    for row in rows:
-        variables += [k for k in row if k not in RESULT_COLUMNS + ("metric", "value") and k not in variables]
-    columns = [*RESULT_COLUMNS, *variables, "metric", "value"]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
-    return path
-
 
 # ---------------------------------------------------------------------------------------------------------- pieces
 
@@ -574,45 +476,5 @@ def _read_pairs(path: str, run_id: str | None) -> list[dict[str, Any]] | None:
     return rows
 
 
-def _metric_rows(head: dict[str, Any], metrics: dict[str, Any], prefix: str = "") -> list[dict[str, Any]]:
-    """One row per number of `metrics`; nested dicts give `outer/inner` metric names, other values are left out."""
-    rows = []
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            rows += _metric_rows(head, value, f"{prefix}{key}/")
-        elif _is_number(value):
-            rows.append({**head, "metric": f"{prefix}{key}", "value": float(value)})
-    return rows
-
-
-def _evaluated(output: StageOutput) -> dict[str, dict[str, Any]]:
-    """model -> its metrics in an evaluate output's eval.json: the entries named after the stage's `models` (all dict
-    entries when it names none), looked up in the `models` entry of the variants that nest them there."""
-    evaluation = output.json("eval.json") if output.kind == "evaluate" else None
-    if not isinstance(evaluation, dict):
-        return {}
-    if isinstance(evaluation.get("models"), dict):
-        evaluation = evaluation["models"]
-    names = output.config.get("models") or {}
-    return {k: v for k, v in evaluation.items() if isinstance(v, dict) and (k in names or not names)}
-
-
-def _relative(folder: str, root: Path) -> str:
-    path = Path(folder).resolve()
-    return path.relative_to(root).as_posix() if path.is_relative_to(root) else str(folder)
-
-
-def _read_json(path: Path) -> Any:
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _num(value: Any) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)

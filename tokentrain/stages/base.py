@@ -204,6 +204,9 @@ def atomic_output(
 
 def _reuse_or_clear_partial(tmp: Path, overwrite: bool, keep_partial: bool, record: dict[str, Any] | None) -> None:
     old = provenance.read_record(tmp)
+    if {p.name for p in tmp.iterdir()} <= {provenance.RECORD_FILE}:  # no work in it yet (e.g. a bad key stopped it)
+        shutil.rmtree(tmp)
+        return
     if not overwrite and keep_partial:
         if record is None or old is None:
             if any(tmp.iterdir()) and record is not None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import provenance
+from ..reports.results import combo_name
 from .base import DONE_FILE, ConfigError, Stage, StageConfig, StageContext, is_complete, is_ours
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,6 @@ def combinations(stage: Stage) -> list[dict]:
         raise ConfigError(f"{stage.name}: variables must map names to non-empty lists, got {cfg.variables!r}")
     names = list(cfg.variables)
     return [dict(zip(names, values)) for values in itertools.product(*cfg.variables.values())]
-
-
-def combo_name(combo: dict) -> str:
-    return "_".join(f"{k}{v}" for k, v in combo.items())
 
 
 def jobs(stage: Stage) -> list[tuple[str, str, dict]]:

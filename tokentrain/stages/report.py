@@ -45,7 +45,8 @@ def run(stage: Stage, ctx: StageContext) -> dict:
 def _results_and_plots(stage: Stage, out: Path) -> None:
     """results.csv (every number of the recipe's run folder, one row per run and metric) and its PNG plots in
     plots/ (skipped with a warning without matplotlib, the `plot` extra)."""
-    from ..plots import MissingMatplotlib, plot_run, results_table, write_results_csv
+    from ..plots import MissingMatplotlib, plot_run
+    from ..reports.results import results_table, write_results_csv
 
     run_dir = stage.variables.get("run_dir") or str(Path(stage.config.output_dir).parent)
     write_results_csv(results_table(run_dir), out / "results.csv")

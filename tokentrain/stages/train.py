@@ -142,9 +142,12 @@ def run(stage: Stage, ctx: StageContext) -> None:
         from ..tasks.keyword_length import RewardCurve
 
         curve = [RewardCurve(cfg.reward_curve_dataset, tokenizer, cfg.reward_curve_every, cfg.seed)]
+    # the arguments first: a bad key stops here, before any folder exists; and before the model, so ZeRO-3's
+    # zero.Init applies to it
+    out = Path(cfg.output_dir)
+    args = config_cls(output_dir=str(out.with_name(out.name + ".tmp")), seed=cfg.seed, **_trainer_kwargs(stage))
+    _check_schedule(stage, args)
     with stage_output(stage, ctx, keep_partial=True) as tmp, tracker_env(stage, tmp):
-        args = config_cls(output_dir=str(tmp), seed=cfg.seed, **_trainer_kwargs(stage))  # before the model: ZeRO-3
-        _check_schedule(stage, args)
         model = load_model(cfg.model, **cfg.model_kwargs(trainable=True))
         trainer = trainer_cls(
             model=model,
