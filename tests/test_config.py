@@ -149,3 +149,9 @@ def test_recipe_variables_refuse_reserved_names_and_lists(tmp_path):
     (tmp_path / "variables.yaml").write_text("model: [a, b]\n")
     with pytest.raises(ConfigError, match="single values"):
         recipe_variables(tmp_path)
+
+
+def test_defaults_that_name_a_variable_are_expanded(tmp_path):
+    path = write(tmp_path, "stage: prepare\ntask: e2e\noutput_dir: o\n")  # data_dir defaults to "{data_dir}"
+    stage = load_stage(path, {}, {**VARS, "data_dir": "/shared/data"})
+    assert stage.config.data_dir == "/shared/data"

@@ -346,8 +346,7 @@ def test_quickstarts_default_to_their_own_run_folder(monkeypatch):
     seen = []
     monkeypatch.setattr(recipes, "run_recipe", lambda recipe, run_dir, *a, **k: seen.append(run_dir) or run_dir)
     for stem in ("weighted_ntp", "critical_dpo"):
-        with pytest.raises(FileNotFoundError):  # no eval.json: the recipe did not really run
-            quickstart.quickstart(stem)
+        quickstart.quickstart(stem)  # the recipe did not really run: the summary finds nothing, and says nothing
     assert seen == [str(Path("runs/quickstart/weighted_ntp")), str(Path("runs/quickstart/critical_dpo"))]
 
 

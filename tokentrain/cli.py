@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     args, rest = build_parser().parse_known_args(argv)
+    _deepspeed_on_cpu()
     from .runtime import exit_process, quiet_console, setup_logging
 
     setup_logging()
@@ -117,6 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s: %s", type(e).__name__, e)
         return exit_process(2)
     return exit_process(0)  # returns 0, except in a gloo multi-process run: see its docstring
+
+
+def _deepspeed_on_cpu() -> None:
+    """Without CUDA, tell DeepSpeed (when installed) its accelerator is the CPU: transformers and accelerate import it,
+    and its auto-detection would otherwise print a warning in every run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _dispatch(args, rest: list[str]) -> None:

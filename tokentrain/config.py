@@ -208,6 +208,10 @@ def stage_from_mapping(
 
     stage_values = {k: coerce(expand(v, k), hints[k], f"{name}:{k}") for k, v in values.items() if k in stage_fields}
     config = stage_cls(**stage_values)
+    for f in dataclasses.fields(config):  # defaults name variables too (e.g. `data_dir: "{data_dir}"`)
+        value = getattr(config, f.name)
+        if f.name not in stage_values and isinstance(value, str) and "{" in value:
+            setattr(config, f.name, expand(value, f.name))
     if config.output_dir and variables.get("run_dir") and not Path(config.output_dir).is_absolute():
         config.output_dir = str(Path(variables["run_dir"]) / config.output_dir)
 

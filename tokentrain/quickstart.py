@@ -8,6 +8,7 @@ work after a plain `pip install` from any folder; the repository's `recipes/quic
 from __future__ import annotations
 
 import json
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,11 @@ def quickstart(stem: str, run_dir: str | None = None, overwrite: bool = False) -
         known = sorted(p.name for p in QUICKSTARTS.iterdir() if p.is_dir())
         raise FileNotFoundError(f"no quickstart for {stem!r}; quickstarts: {known}")
     run_dir = run_dir or str(Path("runs") / "quickstart" / stem)
+    if "OMP_NUM_THREADS" not in os.environ:
+        # tiny models gain nothing from threads, and spin-waiting threads slow them badly on a busy machine
+        import torch
+
+        torch.set_num_threads(1)
     start = time.time()
     files = recipe_stages(recipe)
     print(f"tokentrain quickstart {stem}: {len(files)} stages -> {run_dir}")
