@@ -66,3 +66,19 @@ def test_gsm8k_solutions_recipe_runs_on_local_files(shared, tmp_path, capsys, on
     assert set(results) == {"base", "sft", "dpo", "rpo", "critical_dpo"}
     for r in results.values():
         assert r["correct"] + r["wrong"] + r["unparsable"] == 329  # the held-out GSM8K test rows only
+
+
+def test_old_checkpointing_name_on_the_command_line_wins_over_the_file(tmp_path):
+    """`--gradient_checkpointing false` (TRL's name) on a recipe whose file says activation_checkpointing: true is
+    the user's choice, not a conflict (it was refused as 'the same setting; give one')."""
+    from tokentrain.config import load_stage
+    from tokentrain.stages.train import _trainer_kwargs
+
+    path = tmp_path / "01_sft.yaml"
+    path.write_text("stage: sft\nmodel: m\ndataset: d\nactivation_checkpointing: true\n")
+    stage = load_stage(path, {"gradient_checkpointing": "false"}, {"run_dir": str(tmp_path)})
+    assert _trainer_kwargs(stage)["activation_checkpointing"] is False
+    both = tmp_path / "02_sft.yaml"
+    both.write_text("stage: sft\nmodel: m\ndataset: d\nactivation_checkpointing: true\ngradient_checkpointing: false\n")
+    with pytest.raises(Exception, match="same setting"):
+        _trainer_kwargs(load_stage(both, {}, {"run_dir": str(tmp_path)}))

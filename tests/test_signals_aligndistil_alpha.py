@@ -159,7 +159,10 @@ def test_bad_models(env):
         score(env, ROWS, dpo=capped)
     wide = copy.deepcopy(env.other)
     wide.resize_token_embeddings(310)
-    with pytest.raises(ValueError, match="LM-head rows differ: dpo_model has 300 and other_model has 310"):
+    with pytest.raises(
+        ValueError,
+        match=r"LM-head rows differ: dpo_model \(in-memory model\) has 300 and other_model \(in-memory model\) has 310",
+    ):
         score(env, ROWS, other=wide)
     with pytest.raises(KeyError, match=r"lacks column\(s\) \['chosen'\]"):
         score(env, [{"prompt": r["prompt"]} for r in ROWS])

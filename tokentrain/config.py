@@ -143,6 +143,13 @@ def resolve_aliases(values: dict[str, Any], cls, where: str) -> dict[str, Any]:
     return out
 
 
+# Trainer keys transformers 5 renamed: (old, new). Either is accepted; train stages pass the new one.
+RENAMED_TRAINER_KEYS = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+
+
 def load_stage(
     path: str | Path,
     overrides: dict[str, Any] | None = None,
@@ -191,6 +198,9 @@ def stage_from_mapping(
         raise ConfigError(f"{where}: {e}") from None
     raw = resolve_aliases({k: v for k, v in raw.items() if k != "stage"}, stage_cls, where)
     overrides = resolve_aliases(overrides, stage_cls, "command line")
+    for pair in RENAMED_TRAINER_KEYS:  # `--gradient_checkpointing false` wins over a file's activation_checkpointing
+        if any(k in overrides for k in pair):
+            raw = {k: v for k, v in raw.items() if k not in pair}
     values = {**raw, **overrides, "stage": kind}
     stage_fields = {f.name for f in dataclasses.fields(stage_cls)}
     hints = _hints(stage_cls)

@@ -58,6 +58,7 @@ def exit_process(code: int = 0) -> int:
 KNOWN_WARNINGS = (
     (r"`gradient_checkpointing_enable` is deprecated", FutureWarning, "transformers.modeling_utils"),
     (r"`gradient_checkpointing_disable` is deprecated", FutureWarning, "transformers.modeling_utils"),
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning, "transformers.modeling_utils"),
 )
 
 

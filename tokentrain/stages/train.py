@@ -237,10 +237,9 @@ def _trainer_kwargs(stage: Stage) -> dict:
     if "bf16" not in kwargs and not kwargs.get("fp16"):
         kwargs["bf16"] = _bf16_supported()
     # transformers 5 names: activation_checkpointing (TRL's default: on); the old names only warn
-    for old, new in (
-        ("gradient_checkpointing", "activation_checkpointing"),
-        ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
-    ):
+    from ..config import RENAMED_TRAINER_KEYS
+
+    for old, new in RENAMED_TRAINER_KEYS:
         if old in kwargs:
             if new in kwargs and kwargs[new] != kwargs[old]:
                 raise ConfigError(f"{stage.name}: {old} and {new} are the same setting; give one")
@@ -350,14 +349,17 @@ def show_progress(trainer) -> None:
 
 class TrainProgress(TrainerCallback):
     """Training progress as a person reads it: on a terminal a tqdm bar with each log as one line above it; in a file
-    (a SLURM .out) a line at every ~10% of the steps; on the main process only. Log lines read
-    `step 30/200: loss 1.23, grad_norm 1.4, learning_rate 0.0029, tokens/s 12,345, <metric> ...`."""
+    (a SLURM .out) a line at every ~10% of the steps, left out where a log line (which carries the step, percentage
+    and elapsed time) already fell in that tenth; on the main process only. Log lines read
+    `step 30/200 (15%, 12 s): loss 1.23, grad_norm 1.4, learning_rate 0.0029, tokens/s 12,345, <metric> ...`."""
 
     def __init__(self):
         self.bar, self.next_mark, self.start = None, 1, 0.0
+        self.last_mark, self.last_log = 0, -1
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.time()
+        self.last_mark = self.last_log = state.global_step
         if state.is_world_process_zero and is_terminal():
             from tqdm.auto import tqdm
 
@@ -368,16 +370,23 @@ class TrainProgress(TrainerCallback):
             return
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
-        elif state.max_steps and state.global_step * 10 >= self.next_mark * state.max_steps:
-            self.next_mark = state.global_step * 10 // state.max_steps + 1
-            elapsed = time.time() - self.start
+            return
+        step, total = state.global_step, state.max_steps
+        if not total or step * 10 < self.next_mark * total:
+            return
+        self.next_mark = step * 10 // total + 1
+        logs_now = str(args.logging_strategy) in ("steps", "IntervalStrategy.STEPS") and (
+            (state.logging_steps and step % state.logging_steps == 0) or step == total
+        )
+        logged_since = self.last_log > self.last_mark
+        self.last_mark = step
+        if not (logs_now or logged_since):
             logger.info(
-                "training: step %d/%d (%d%%), %.0f s elapsed",
-                state.global_step,
-                state.max_steps,
-                100 * state.global_step // state.max_steps,
-                elapsed,
+                "training: step %d/%d (%d%%), %.0f s elapsed", step, total, 100 * step // total, self._elapsed()
             )
+
+    def _elapsed(self) -> float:
+        return time.time() - self.start
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -396,11 +405,13 @@ class TrainProgress(TrainerCallback):
         parts = [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in logs.items()]
         if speed:
             parts.append(f"tokens/s {speed:,.0f}")
-        line = f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts)
+        step, total = state.global_step, state.max_steps
         if self.bar is not None:
-            self.bar.write(line)
+            self.bar.write(f"step {step}/{total}: " + ", ".join(parts))
         else:
-            logger.info("%s", line)
+            self.last_log = step
+            where = f"{100 * step // total}%, {self._elapsed():.0f} s" if total else f"{self._elapsed():.0f} s"
+            logger.info("%s", f"step {step}/{total} ({where}): " + ", ".join(parts))
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.bar is not None:
