@@ -73,8 +73,9 @@ def sample_completions(
     from accelerate import Accelerator
     from accelerate.utils import gather_object
     from datasets import Dataset, Sequence, Value
-    from tqdm.auto import tqdm
     from transformers import GenerationConfig
+
+    from ..runtime import progress as progress_display
 
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
@@ -124,7 +125,7 @@ def sample_completions(
     torch.manual_seed(seed + accelerator.process_index)
     results = []
     try:
-        for batch in tqdm(batches, desc="Sampling", disable=not (progress and accelerator.is_main_process)):
+        for batch in progress_display(batches, desc="Sampling", enabled=progress and accelerator.is_main_process):
             width = max(len(prompts[i]) for i in batch)
             input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T) left-padded
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

@@ -423,6 +423,22 @@ class ConceptHeadsTrainer(TokenSFTTrainer):
         if heads is not None and self.args.train_heads and self.args.should_save:
             heads.save(Path(output_dir) / "heads", heads_state)
 
+    def saved_parameters(self, model) -> int:
+        """Parameters the final save holds, for the train stage's check before it deletes the checkpoints: phase
+        heads only the heads (`heads/`); phase finetune the vanilla model (every base weight, or the adapter's
+        trainable ones for LoRA) plus the heads with `train_heads`. ZeRO-3 partitions count at full size."""
+
+        def numel(params) -> int:
+            return sum(getattr(p, "ds_numel", p.numel()) for p in params)
+
+        heads = list(self.aux_heads.parameters()) if self.aux_heads is not None else []
+        own = {id(p) for p in heads}
+        base = [p for p in model.parameters() if id(p) not in own]
+        if self.args.phase == "heads":
+            return numel(heads)
+        lora = hasattr(model, "peft_config")
+        return numel(p for p in base if p.requires_grad or not lora) + (numel(heads) if self.args.train_heads else 0)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if self.args.phase == "heads":
             self.aux_heads.load_weights(Path(resume_from_checkpoint) / "heads" / WEIGHTS_FILE)
