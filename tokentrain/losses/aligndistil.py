@@ -78,6 +78,11 @@ class TeacherSettings:
         if problems:
             raise ValueError("invalid aligndistil teacher settings:\n- " + "\n- ".join(problems))
 
+    def describe(self) -> str:
+        """One line for logs, e.g. "teacher contrastive, alpha adaptive (r 20, eps 0.001), distance tvd, beta0 0.1"."""
+        alpha = f"r {self.r:g}, eps {self.eps:g}" if self.alpha == "adaptive" else f"ratio {self.ratio:g}"
+        return f"teacher {self.teacher}, alpha {self.alpha} ({alpha}), distance {self.distance}, beta0 {self.beta0:g}"
+
     def same_models_note(self) -> str:
         """What a run amounts to when the DPO and the other model are the same (the warning of spec section 9)."""
         weight = self.beta0 / (self.eps if self.alpha == "adaptive" else self.ratio)

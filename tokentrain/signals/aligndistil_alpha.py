@@ -168,3 +168,53 @@ def score_aligndistil_alpha(
         "aligndistil_distance": [by_row[j][0] for j in range(len(rows))],
         "aligndistil_alpha": [by_row[j][1] for j in range(len(rows))],
     }
+
+
+@torch.no_grad()
+def sequence_kl(
+    model,
+    reference,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    pad_id: int,
+    batch_size: int = 16,
+    chunk_tokens: int = 256,
+) -> list[float]:
+    """Σ_t KL(π_model(·|x, y_<t) ‖ π_reference(·|x, y_<t)) over each response's tokens: the sequence KL of a model to
+    a reference (e.g. π_θ to π_dpo) on the model's own samples, over the full vocabulary, in float32.
+
+    Backbones only, then `chunk_tokens` positions projected through each head at a time (no (B, T, V) logits);
+    rows sorted by length. Returns one float per row, in input order. A response of no token has KL 0."""
+    from ..losses.aligndistil import reverse_kl
+
+    empty = [j for j, p in enumerate(prompts) if not p]
+    if empty:
+        raise ValueError(f"rows {empty[:10]} have an empty prompt: no position predicts their first response token")
+    order = sorted(range(len(prompts)), key=lambda j: -(len(prompts[j]) + len(responses[j])))
+    out = [0.0] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        batch = [j for j in order[start : start + batch_size] if responses[j]]
+        if not batch:
+            continue
+        width = max(len(prompts[j]) + len(responses[j]) for j in batch)
+        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T) right-padded
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        predicts = torch.zeros((len(batch), width - 1), dtype=torch.bool)  # (B, T-1)
+        for b, j in enumerate(batch):
+            ids = prompts[j] + responses[j]
+            input_ids[b, : len(ids)] = torch.tensor(ids)
+            attention_mask[b, : len(ids)] = 1
+            predicts[b, len(prompts[j]) - 1 : len(ids) - 1] = True
+        hidden = []
+        for m in (model, reference):
+            h = _hidden_states(m, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+            hidden.append(h[predicts.to(h.device)])  # (N, H)
+        kl = torch.zeros(hidden[0].shape[0])  # (N,)
+        for s in range(0, kl.numel(), chunk_tokens):
+            sl = slice(s, min(s + chunk_tokens, kl.numel()))
+            z = _project(model, hidden[0][sl])  # (n, V) float32
+            logp_ref = torch.log_softmax(_project(reference, hidden[1][sl]).to(z.device), dim=-1)
+            kl[sl] = reverse_kl(z, logp_ref).cpu()
+        for j, row in zip(batch, kl.split(predicts.sum(dim=1).tolist())):
+            out[j] = float(row.sum())
+    return out

@@ -20,13 +20,10 @@ and the processes by the base. What changes against the base:
    the three backbones only (`base_model(...).last_hidden_state`), the N response positions gathered (position P−1 …
    P+T−2 for a response at P of T tokens), and `aligndistil_loss` over chunks of `chunk_tokens` positions. No model's
    [B, T, V] logits ever exist.
-4. The frozen DPO and other models are placed as TRL's `DPOTrainer` places a reference model: `prepare_deepspeed`
-   (ZeRO-3: sharded like the policy; otherwise a stage-0 replica), `prepare_fsdp`, or `prepare_model(...,
-   evaluation_mode=True)`; under ZeRO-3 the heads are gathered around each access (`maybe_gather_lm_head_ctx`).
+4. The frozen models are checked (`models.check_auxiliary_models`) and placed as TRL's `DPOTrainer` places a
+   reference model (`_place`).
 
-[paper ≠ code] The official code trains the distributions at the response tokens' own positions (off-policy: P … P+T−1,
-normaliser T; on-policy: P … P+T−2, normaliser T−1); tokentrain uses the paper's positions (P−1 … P+T−2), see
-`losses/aligndistil.py` and the spec's section 2.
+[paper ≠ code] Positions: the paper's P−1 … P+T−2, not the official code's (spec section 2, `losses/aligndistil.py`).
 """
 
 from __future__ import annotations
@@ -296,18 +293,11 @@ class AlignDistilTrainer(TokenSFTTrainer):
         self.dpo_model, self.other_model = self._frozen_models(dpo_model, other_model)
         self._forward_redirection = _ForwardRedirection()
         logger.info(
-            "AlignDistil: %s, teacher %s, alpha %s (%s), distance %s, beta0 %g, chunk %d positions; dpo_model %s, "
-            "%s %s",
+            "AlignDistil: %s, %s, chunk %d positions; dpo_model %s, %s %s",
             f"on-policy (HF generate, T 1.0, top_p 1.0, top_k 0, {args.sample_tokens} new tokens)"
             if args.on_policy
             else "off-policy (prompt + chosen)",
-            self.settings.teacher,
-            self.settings.alpha,
-            f"r {self.settings.r:g}, eps {self.settings.eps:g}"
-            if self.settings.alpha == "adaptive"
-            else f"ratio {self.settings.ratio:g}",
-            self.settings.distance,
-            self.settings.beta0,
+            self.settings.describe(),
             args.chunk_tokens,
             self.dpo_name,
             self.other_key,
@@ -483,10 +473,6 @@ class AlignDistilTrainer(TokenSFTTrainer):
 
     # ------------------------------------------------------------------------------------------------- rollouts
 
-    def generation_kwargs(self) -> dict:
-        """Sampling settings, all explicit (spec section 3): T 1.0, top_p 1.0, top_k 0, neutral other filters."""
-        return sampling_kwargs(self._tokenizer, self.args.sample_tokens)
-
     def _rollout(self, model, inputs) -> dict[str, torch.Tensor]:
         """One sample per prompt from the current student (eval mode, no gradient), cut after its first EOS (never
         forced), re-collated right-padded as off-policy rows: labels on the sampled tokens."""
@@ -501,7 +487,9 @@ class AlignDistilTrainer(TokenSFTTrainer):
             was_training = unwrapped.training
             unwrapped.eval()
             try:
-                out = unwrapped.generate(input_ids=prompts, attention_mask=prompt_mask, **self.generation_kwargs())
+                # every sampling setting explicit (spec section 3): T 1.0, top_p 1.0, top_k 0, neutral other filters
+                settings = sampling_kwargs(self._tokenizer, self.args.sample_tokens)
+                out = unwrapped.generate(input_ids=prompts, attention_mask=prompt_mask, **settings)
             finally:
                 unwrapped.train(was_training)
         samples = out[:, width:]  # (B, G)
