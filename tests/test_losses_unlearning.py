@@ -273,3 +273,18 @@ def test_padding_and_micro_batch_split_change_nothing(loss_name):
     assert padded.item() == pytest.approx(whole.item(), abs=1e-12)
     split = loss(logps[:1], ref[:1], mask[:1], seg[:1], w[:1]) + loss(logps[1:], ref[1:], mask[1:], seg[1:], w[1:])
     assert split.item() == pytest.approx(whole.item(), abs=1e-12)
+
+
+def test_generic_logits_inplace_is_bitwise_equal_and_reuses_v_r():
+    """The scoring pass's in-place form: the same float32 values bit for bit, written into v_r's buffer."""
+    g = torch.Generator().manual_seed(3)
+    v_b = 3 * torch.randn(37, 301, generator=g)
+    v_r = v_b + torch.randn(37, 301, generator=g)
+    expected = generic_logits(v_b, v_r, 5.0)
+    buffer = v_r.clone()
+    out = generic_logits(v_b, buffer, 5.0, inplace=True)
+    assert torch.equal(out, expected) and out.data_ptr() == buffer.data_ptr()
+    assert torch.equal(generic_labels(v_b, v_r.clone(), 5.0, inplace=True), expected.argmax(-1))
+    # spec vector 1 through the in-place path
+    v1 = generic_logits(torch.tensor([[2.0, 1, 0, -1]]), torch.tensor([[3.0, 0.5, 0, 1]]), 5.0, inplace=True)
+    assert v1.tolist() == [[-3.0, 1.0, 0.0, -11.0]]

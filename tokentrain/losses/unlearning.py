@@ -23,7 +23,12 @@ from torch import Tensor
 
 @torch.no_grad()
 def generic_logits(
-    v_b: Tensor, v_r: Tensor, alpha: float, penalty_mask: Tensor | None = None, penalty: float = 0.0
+    v_b: Tensor,
+    v_r: Tensor,
+    alpha: float,
+    penalty_mask: Tensor | None = None,
+    penalty: float = 0.0,
+    inplace: bool = False,
 ) -> Tensor:
     """WHP generic logits: the baseline's logits with whatever reinforcement raised pushed down.
 
@@ -40,13 +45,18 @@ def generic_logits(
         alpha: >= 0; 0 gives v_b.
         penalty_mask: P, tokens penalised at each position (rule (b)), or None.  (N, V) bool
         penalty: rho >= 0, subtracted where `penalty_mask` is True.
+        inplace: write the result into `v_r` (float32, not needed afterwards: the scoring pass's projections) instead
+            of two new (N, V) buffers; the same values bit for bit, about 3x faster on CPU (no page faults).
 
     Returns:
         v_g, float32.  (N, V)
     """
     v_b = v_b.float()
-    push = torch.sub(v_r.float(), v_b).clamp_(min=0.0)  # (N, V) ReLU(v_r - v_b), one buffer
-    v_g = torch.sub(v_b, push, alpha=alpha)  # (N, V) v_b - alpha * ReLU(v_r - v_b)
+    if inplace and v_r.dtype == torch.float32:
+        push = v_r.sub_(v_b).clamp_(min=0.0)  # (N, V) ReLU(v_r - v_b), in v_r's buffer
+    else:
+        push = torch.sub(v_r.float(), v_b).clamp_(min=0.0)  # (N, V) ReLU(v_r - v_b), one buffer
+    v_g = torch.sub(v_b, push, alpha=alpha, out=push)  # (N, V) v_b - alpha * ReLU(v_r - v_b), the same buffer
     if penalty_mask is not None and penalty != 0.0:
         v_g.sub_(penalty * penalty_mask.to(v_g.dtype))
     return v_g
@@ -54,14 +64,19 @@ def generic_logits(
 
 @torch.no_grad()
 def generic_labels(
-    v_b: Tensor, v_r: Tensor, alpha: float, penalty_mask: Tensor | None = None, penalty: float = 0.0
+    v_b: Tensor,
+    v_r: Tensor,
+    alpha: float,
+    penalty_mask: Tensor | None = None,
+    penalty: float = 0.0,
+    inplace: bool = False,
 ) -> Tensor:
     """WHP generic label of each position: argmax of `generic_logits` (ties: the lowest id, as `torch.argmax`).
 
     Returns:
         labels, long.  (N,)
     """
-    return generic_logits(v_b, v_r, alpha, penalty_mask, penalty).argmax(dim=-1)
+    return generic_logits(v_b, v_r, alpha, penalty_mask, penalty, inplace).argmax(dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------- per-token losses

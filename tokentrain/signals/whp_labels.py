@@ -27,10 +27,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from trl.data_utils import common_prefix_length
 
-from ..data import context_ids_of, target_positions, tokenize_row
+from ..data import context_ids_of, row_kind, target_positions, tokenize_row
 from ..losses.unlearning import generic_labels
+from ..runtime import progress
+from ..tokens import IGNORE_INDEX
 from .anchors import (
     AnchorTerms,
     align_row,
@@ -91,9 +93,25 @@ def check_label_models(baseline, reinforced, tokenizer, reinforced_tokenizer=Non
             )
 
 
+def _plain_row_tokens(example, tokenizer) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+    """(input_ids, labels, offsets) of a plain-text prompt/completion row from one encoding of s with offsets: what
+    `data.tokenize_row` gives (ids of prompt + completion + EOS; targets from the common prefix with the prompt's ids,
+    TRL 1.16), without encoding the whole row a second time. The trainer re-tokenises every row with `tokenize_row`
+    and refuses stored ids that differ, naming the row."""
+    s, add_special = row_text(example, tokenizer)
+    ids, offsets = tokenize_with_offsets(tokenizer, s, add_special)
+    prompt_ids = tokenize_with_offsets(tokenizer, example["prompt"], add_special)[0]
+    n_prompt = common_prefix_length(prompt_ids, ids)
+    return ids, [IGNORE_INDEX] * n_prompt + ids[n_prompt:], offsets
+
+
 def _prepare_row(i, example, tokenizer, anchors: AnchorTerms | None, chat_template) -> tuple[_Row, dict[str, int]]:
-    tokens = tokenize_row(example, tokenizer, chat_template)
-    ids, labels = tokens["input_ids"], tokens["labels"]
+    plain = anchors is not None and row_kind(example) == "prompt_completion" and isinstance(example["prompt"], str)
+    if plain:  # the offsets are needed anyway: one encoding of the row
+        ids, labels, s_offsets = _plain_row_tokens(example, tokenizer)
+    else:
+        tokens = tokenize_row(example, tokenizer, chat_template)
+        ids, labels = tokens["input_ids"], tokens["labels"]
     positions = target_positions(labels)
     if not positions:
         raise ValueError(f"row {i}: the completion tokenises to nothing; drop the row or give it text")
@@ -104,12 +122,13 @@ def _prepare_row(i, example, tokenizer, anchors: AnchorTerms | None, chat_templa
         return row, {}
 
     s, add_special = row_text(example, tokenizer, chat_template)
-    s_ids, s_offsets = tokenize_with_offsets(tokenizer, s, add_special)
-    if s_ids != ids:
-        raise ValueError(
-            f"row {i}: the text rebuilt for anchor matching does not tokenise to the trainer's ids (unusual chat "
-            "template?); anchored terms cannot be aligned on this row"
-        )
+    if not plain:
+        s_ids, s_offsets = tokenize_with_offsets(tokenizer, s, add_special)
+        if s_ids != ids:
+            raise ValueError(
+                f"row {i}: the text rebuilt for anchor matching does not tokenise to the trainer's ids (unusual chat "
+                "template?); anchored terms cannot be aligned on this row"
+            )
     matches = anchors.find(s)
     z = anchors.translate(s, matches)
     z_ids, z_offsets = tokenize_with_offsets(tokenizer, z, add_special)
@@ -183,7 +202,7 @@ def score_whp_labels(
     # ---- tokenise, match, align: every process the same
     rows: list[_Row] = []
     counts = dict.fromkeys(anchors.terms, 0) if anchors is not None else {}
-    for i, example in enumerate(tqdm(dataset, desc="Aligning rows", disable=not accelerator.is_main_process)):
+    for i, example in enumerate(dataset):
         row, row_counts = _prepare_row(i, example, tokenizer, anchors, chat_template)
         for term, n in row_counts.items():
             counts[term] += n
@@ -222,7 +241,7 @@ def score_whp_labels(
     vocab = _logit_width(baseline)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = []
-    for batch in tqdm(batches, desc="Scoring (whp_labels)", disable=not accelerator.is_main_process):
+    for batch in progress(batches, desc="Scoring (whp_labels)", enabled=accelerator.is_main_process):
         # (b, baseline row, reinforced row) of every weighted position, row by row
         b_idx, z_pos, s_pos, pen_rows, pen_ids = [], [], [], [], []
         for b, i in enumerate(batch):
@@ -256,8 +275,8 @@ def score_whp_labels(
                     sel = (pen_rows_t >= start) & (pen_rows_t < end)
                     mask = torch.zeros(v_b.shape, dtype=torch.bool, device=v_b.device)  # (n, V)
                     mask[(pen_rows_t[sel] - start).to(v_b.device), pen_ids_t[sel].to(v_b.device)] = True
-                targets[start:end] = generic_labels(v_b, v_r, alpha, mask, repeat_penalty).cpu()
                 base_top[start:end] = v_b.argmax(dim=-1).cpu()
+                targets[start:end] = generic_labels(v_b, v_r, alpha, mask, repeat_penalty, inplace=True).cpu()
         counts_per_row = torch.bincount(torch.tensor(b_idx, dtype=torch.long), minlength=len(batch)).tolist()
         for i, t, top in zip(batch, targets.split(counts_per_row), base_top.split(counts_per_row)):
             results.append((i, t.tolist(), top.tolist()))
@@ -308,3 +327,80 @@ def score_whp_labels(
     }
     accelerator.print("whp_labels stats: " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
     return columns, stats
+
+
+# ---------------------------------------------------------------------------------------------------------- inspect
+
+
+def label_token_rows(
+    dataset, tokenizer, anchors: AnchorTerms | None = None, rows: list[int] | None = None, chat_template=None
+) -> list[list[dict[str, Any]]]:
+    """What `tokentrain inspect` shows of a whp_labels dataset (spec section 4): per row of `rows` (default all) and
+    per completion token x_j, one dict
+
+        position   j, the token's index in the row's input ids
+        id, token  x_j and its text (`tokenizer.decode([id])`)
+        target_id, target   the generic label and its text (= x_j where the weight is 0)
+        weight     token_weights[j] (0.0 / 1.0)
+        changed    target_id != id
+        where      "first" (x_j starts a term's first match in the row), "in" (inside a first match), "repeat"
+                   (inside a later match of a term already seen: rule (a), weight 0), "after" (the token right after
+                   a match: its prefix ends at the match's end, the position mapped to the end of the translation),
+                   or "" (no dictionary, or elsewhere)
+        term       the dictionary key of the match x_j lies in (or, for "after", the one it follows), else None
+
+    `anchors` is the dictionary the labels were scored with (signal_meta.json's `anchor_terms`). The row is
+    re-tokenised; ids that differ from the stored `completion_ids` are an error naming the row (another tokenizer).
+    """
+    for column in ("completion_ids", "target_ids", "token_weights"):
+        if column not in dataset.column_names:
+            raise KeyError(f"not a whp_labels dataset: no column {column!r} (has {dataset.column_names})")
+    out = []
+    for i in range(len(dataset)) if rows is None else rows:
+        example = dataset[i]
+        tokens = tokenize_row(example, tokenizer, chat_template)
+        ids, positions = tokens["input_ids"], target_positions(tokens["labels"])
+        stored = list(example["completion_ids"])
+        if [ids[j] for j in positions] != stored:
+            raise ValueError(
+                f"row {i}: the tokenizer does not give the stored completion_ids (labels scored with another tokenizer?)"
+            )
+        where, term = [""] * len(ids), [None] * len(ids)
+        if anchors is not None:
+            s, add_special = row_text(example, tokenizer, chat_template)
+            s_ids, offsets = tokenize_with_offsets(tokenizer, s, add_special)
+            matches = anchors.find(s)
+            z_ids, z_offsets = tokenize_with_offsets(tokenizer, anchors.translate(s, matches), add_special)
+            align = align_row(offsets, z_offsets, z_ids, matches, anchors.terms)
+            ends = {m.end: m.term for m in matches}
+            for j, (a, b) in enumerate(offsets):
+                hit = next((m for m in matches if a < m.end and b > m.start), None)
+                if align.term_first[j]:
+                    where[j] = "first"
+                elif align.repeat[j]:
+                    where[j] = "repeat"
+                elif align.in_match[j]:
+                    where[j] = "in"
+                elif j >= 1 and offsets[j - 1][1] in ends:
+                    where[j], hit = "after", None
+                    term[j] = ends[offsets[j - 1][1]]
+                if hit is not None:
+                    term[j] = hit.term
+        row = []
+        for k, j in enumerate(positions):
+            x, t = ids[j], int(example["target_ids"][k])
+            row.append(
+                {
+                    "position": j,
+                    "id": x,
+                    "token": tokenizer.decode([x]),
+                    "target_id": t,
+                    "target": tokenizer.decode([t]),
+                    "weight": float(example["token_weights"][k]),
+                    "changed": t != x,
+                    "where": where[j],
+                    "term": term[j],
+                }
+            )
+        out.append(row)
+    return out

@@ -118,7 +118,7 @@ class UnlearningTrainer(TokenSFTTrainer):
         self.signal_columns = SIGNALS[loss]
         train_dataset = kwargs.get("train_dataset", rest[1] if len(rest) > 1 else None)
         if self.signal_columns and train_dataset is not None:
-            for column in ("completion_ids", *self.signal_columns):
+            for column in (*self.signal_columns, "completion_ids"):  # the signal first: its hint names the stage
                 require_columns(train_dataset, [column], hint=f"{column!r} is written by {WRITTEN_BY[column]}")
         if loss == "whp" and train_dataset is not None:
             _check_weights_not_all_zero(train_dataset)
