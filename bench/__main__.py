@@ -10,7 +10,14 @@ import argparse
 import subprocess
 import sys
 
-MODULES = ["bench.weighted_ntp", "bench.critical_dpo"]
+MODULES = [
+    "bench.weighted_ntp",
+    "bench.critical_dpo",
+    "bench.unlearning",
+    "bench.concept_heads",
+    "bench.aligndistil",
+    "bench.scaling",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
