@@ -27,6 +27,7 @@ def simulate(caplog, max_steps: int, logging_steps: int) -> list[str]:
 
 def test_file_progress_is_not_doubled_by_log_lines(caplog, monkeypatch):
     monkeypatch.setattr("tokentrain.stages.train.is_terminal", lambda: False)
+    monkeypatch.setattr(TrainProgress, "_elapsed", lambda self: 10.0)
     lines = simulate(caplog, max_steps=200, logging_steps=30)
     progress = [line for line in lines if line.startswith("training: step")]
     logs = [line for line in lines if not line.startswith("training: step")]
@@ -40,6 +41,30 @@ def test_file_progress_is_not_doubled_by_log_lines(caplog, monkeypatch):
 
 def test_file_progress_without_logging_prints_every_tenth(caplog, monkeypatch):
     monkeypatch.setattr("tokentrain.stages.train.is_terminal", lambda: False)
+    monkeypatch.setattr(TrainProgress, "_elapsed", lambda self: 10.0)
     lines = simulate(caplog, max_steps=50, logging_steps=1000)
     progress = [line.split()[2] for line in lines if line.startswith("training: step")]
     assert progress == [f"{k}/50" for k in range(5, 50, 5)]  # the last tenth is the final log line itself
+
+
+def test_a_short_pass_prints_no_progress_line(caplog, monkeypatch):
+    """A 12-step stage that ends in a second printed 9 progress lines into the quickstart's log."""
+    monkeypatch.setattr("tokentrain.stages.train.is_terminal", lambda: False)
+    lines = simulate(caplog, max_steps=12, logging_steps=10)
+    assert not [line for line in lines if line.startswith("training: step")], lines
+    assert len(lines) == 2  # the log line at step 10 and the final summary
+
+
+def test_logged_progress_of_a_short_scoring_pass_is_silent(caplog, monkeypatch):
+    from tokentrain import runtime
+
+    monkeypatch.setattr(runtime, "is_terminal", lambda: False)
+    with caplog.at_level(logging.INFO, logger="tokentrain"):
+        assert list(runtime.progress(range(4), desc="Scoring")) == [0, 1, 2, 3]
+    assert not caplog.records
+    monkeypatch.setattr(runtime, "QUIET_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="tokentrain"):
+        list(runtime.progress(range(4), desc="Scoring"))
+    assert [r.getMessage().split(",")[0] for r in caplog.records] == [
+        f"Scoring: {k}/4 ({25 * k}%)" for k in range(1, 5)
+    ]

@@ -95,6 +95,10 @@ def progress(iterable, total: int | None = None, desc: str = "", enabled: bool =
     return _logged_progress(iterable, total if total is not None else len(iterable), desc)
 
 
+# In a log file, no progress line is written during a pass's first seconds: a pass that short needs none.
+QUIET_SECONDS = 2.0
+
+
 def _logged_progress(iterable, total: int, desc: str):
     import time
 
@@ -104,6 +108,9 @@ def _logged_progress(iterable, total: int, desc: str):
         yield item
         if total and (done * 10 >= next_mark * total or done == total):
             elapsed = time.time() - start
+            if elapsed < QUIET_SECONDS:  # a pass this short needs no progress line
+                next_mark = done * 10 // total + 1
+                continue
             eta = elapsed / done * (total - done)
             log.info(
                 "%s: %d/%d (%d%%), %.0f s elapsed, about %.0f s left",

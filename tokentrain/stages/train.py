@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from ..runtime import distributed_state, is_terminal
+from ..runtime import QUIET_SECONDS, distributed_state, is_terminal
 from .base import ConfigError, ModelKeys, RowsStage, Stage, StageContext, load_stage_rows, require, stage_output
 
 logger = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ class TrainProgress(TrainerCallback):
         )
         logged_since = self.last_log > self.last_mark
         self.last_mark = step
-        if not (logs_now or logged_since):
+        if not (logs_now or logged_since) and self._elapsed() >= QUIET_SECONDS:
             logger.info(
                 "training: step %d/%d (%d%%), %.0f s elapsed", step, total, 100 * step // total, self._elapsed()
             )
