@@ -528,3 +528,20 @@ def test_a_bad_trainer_key_leaves_nothing_that_blocks_the_corrected_rerun(recipe
     assert "not_a_schedule" in capsys.readouterr().err
     assert run(recipe, tmp_path) == 0  # corrected: runs, no "partial work started with other settings"
     assert (tmp_path / "run" / "model" / "_COMPLETE").exists()
+
+
+def test_recipe_dir_names_a_file_beside_the_recipe_wherever_the_run_starts(tmp_path, monkeypatch):
+    """recipes/unlearning/mini named its dictionary `recipes/unlearning/alice_terms.yaml`, which only resolved from the
+    repository root; `{recipe_dir}` in variables.yaml is the recipe's own folder, also inside a grid's sub-recipe."""
+    from tokentrain.config import load_stage, recipe_variables
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)  # anywhere but the repository
+    mini = root / "recipes" / "unlearning" / "mini"
+    own = recipe_variables(mini)
+    assert own["terms"] == str(root / "recipes" / "unlearning" / "alice_terms.yaml")
+    assert Path(own["terms"]).is_file() and Path(own["prompts"]).is_file()
+    assert recipe_variables(mini, {"terms": "mine.yaml"})["terms"] == "mine.yaml"  # the command line still wins
+    labels = mini / "alice" / "02_labels.yaml"  # a stage of the grid's sub-recipe, given the outer recipe's variables
+    stage = load_stage(labels, {}, {**own, "run_dir": str(tmp_path), "top_dir": str(tmp_path), "seed": "0"})
+    assert stage.config.anchor_terms == own["terms"]

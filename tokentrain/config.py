@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from .stages import STAGES, config_class
-from .stages.base import ConfigError, Stage
+from .stages.base import RENAMED_TRAINER_KEYS, ConfigError, Stage
 
 __all__ = ["ConfigError", "Stage", "load_stage", "stage_from_mapping", "coerce", "parse_override_args"]
 
@@ -143,13 +143,6 @@ def resolve_aliases(values: dict[str, Any], cls, where: str) -> dict[str, Any]:
     return out
 
 
-# Trainer keys transformers 5 renamed: (old, new). Either is accepted; train stages pass the new one.
-RENAMED_TRAINER_KEYS = (
-    ("gradient_checkpointing", "activation_checkpointing"),
-    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
-)
-
-
 def load_stage(
     path: str | Path,
     overrides: dict[str, Any] | None = None,
@@ -266,7 +259,7 @@ def accepted_keys(kind: str, trainer_cls=None, values: dict[str, Any] | None = N
 
 _VARIABLE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 # Braces that are row templates, not recipe variables: a recipe variable is a known name or one of these.
-RESERVED_VARIABLES = ("run_dir", "data_dir", "top_dir", "parent_dir")
+RESERVED_VARIABLES = ("run_dir", "data_dir", "top_dir", "parent_dir", "recipe_dir")
 
 
 def _expand(value: str, variables: dict[str, str], where: str, strict: bool = True) -> str:
@@ -298,7 +291,8 @@ VARIABLES_FILE = "variables.yaml"
 def recipe_variables(recipe: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, str]:
     """The recipe's own variables: `variables.yaml` beside its stage files (name -> default, e.g. `model:
     Qwen/Qwen2.5-1.5B`), each replaced by a command-line override of the same name (`--model ...`). Stages use them
-    as `{model}`, so one override reaches every stage that names the model, whatever key holds it."""
+    as `{model}`, so one override reaches every stage that names the model, whatever key holds it. A default may name
+    `{recipe_dir}`, this recipe's folder (`terms: "{recipe_dir}/../alice_terms.yaml"`)."""
     path = Path(recipe) / VARIABLES_FILE
     if not Path(recipe).is_dir() or not path.exists():
         return {}
@@ -309,7 +303,15 @@ def recipe_variables(recipe: str | Path, overrides: dict[str, Any] | None = None
     if reserved:
         raise ConfigError(f"{path}: {sorted(reserved)} are set by tokentrain, not by a recipe")
     overrides = overrides or {}
-    return {k: str(overrides.get(k, v)) for k, v in raw.items()}
+    here = str(Path(recipe).resolve())  # `{recipe_dir}` in a default: a file beside the recipe, wherever the run starts
+    return {
+        k: str(overrides[k])
+        if k in overrides
+        else os.path.normpath(v.replace("{recipe_dir}", here))
+        if isinstance(v, str) and "{recipe_dir}" in v
+        else str(v)
+        for k, v in raw.items()
+    }
 
 
 def recipe_stages(recipe: str | Path) -> list[Path]:

@@ -133,6 +133,7 @@ def run_recipe(
     if check:
         check_overrides(recipe, common, scoped, start, only)
     variables = {"top_dir": run_dir, **own, **(variables or {}), "run_dir": run_dir, "data_dir": data_dir}
+    variables["recipe_dir"] = str(recipe.resolve() if recipe.is_dir() else recipe.resolve().parent)
     common = {k: v for k, v in common.items() if k not in own}  # a recipe variable is set once, as the variable
     stages = [load_stage(f, {**common, **scoped.get(f.stem, {})}, variables, strict=False) for f in files]
     for stage in stages:
@@ -241,6 +242,7 @@ class SubRecipes:
         common, scoped = split_overrides(overrides)
         own = recipe_variables(recipe, common)
         variables = {"top_dir": run_dir, **own, **variables, "run_dir": run_dir, "data_dir": self.data_dir}
+        variables["recipe_dir"] = str(Path(recipe).resolve())
         common = {k: v for k, v in common.items() if k not in own}
         for path in recipe_stages(recipe):
             stage = load_stage(path, {**common, **scoped.get(path.stem, {})}, variables, strict=False)

@@ -24,6 +24,13 @@ logger = logging.getLogger(__name__)
 DONE_FILE = "_COMPLETE"
 
 
+# Trainer keys transformers 5 renamed: (old, new). Either is accepted; train stages pass the new one.
+RENAMED_TRAINER_KEYS = (
+    ("gradient_checkpointing", "activation_checkpointing"),
+    ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"),
+)
+
+
 class ConfigError(ValueError):
     """A recipe key, value or type is wrong; the message names the file and key."""
 

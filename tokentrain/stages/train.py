@@ -20,7 +20,17 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from ..runtime import QUIET_SECONDS, distributed_state, is_terminal
-from .base import ConfigError, ModelKeys, RowsStage, Stage, StageContext, load_stage_rows, require, stage_output
+from .base import (
+    RENAMED_TRAINER_KEYS,
+    ConfigError,
+    ModelKeys,
+    RowsStage,
+    Stage,
+    StageContext,
+    load_stage_rows,
+    require,
+    stage_output,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -237,8 +247,6 @@ def _trainer_kwargs(stage: Stage) -> dict:
     if "bf16" not in kwargs and not kwargs.get("fp16"):
         kwargs["bf16"] = _bf16_supported()
     # transformers 5 names: activation_checkpointing (TRL's default: on); the old names only warn
-    from ..config import RENAMED_TRAINER_KEYS
-
     for old, new in RENAMED_TRAINER_KEYS:
         if old in kwargs:
             if new in kwargs and kwargs[new] != kwargs[old]:
