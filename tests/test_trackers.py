@@ -15,7 +15,7 @@ from transformers.integrations import integration_utils
 
 from tokentrain.cli import main
 from tokentrain.stages.base import Stage, StageConfig
-from tokentrain.stages.train import tracker_env, tracker_names
+from tokentrain.stages.trackers import tracker_env, tracker_names
 
 RECIPE = {
     "00_prepare.yaml": "stage: prepare\ntask: arith_chain\noutput_dir: data\nseed: 0\n"

@@ -119,7 +119,7 @@ def run(stage: Stage, ctx: StageContext) -> dict:
                 )
             (tmp / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
             if cfg.report_to not in ("none", [], None):  # as `eval/<model>/<metric>`
-                from .train import report_to_trackers
+                from .trackers import report_to_trackers
 
                 scalars = {f"eval_{name}/{k}": v for name, r in results.items() for k, v in r.items() if _scalar(v)}
                 report_to_trackers(stage, tmp, cfg.report_to, scalars)
