@@ -167,6 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--objectives", default=",".join(OBJECTIVES), help="comma-separated objective stems")
     parser.add_argument("--processes", type=int, default=None, help="processes per config (default: GPUs, or 2)")
     parser.add_argument("--timeout", type=float, default=170, help="seconds per config launch")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole check: a launch gets at most what is left, a config with under 30 s left is "
+        "skipped and reported failed (bench/gpu_check.sh: 570, inside its hard 590 s stop)",
+    )
     a = parser.parse_args(argv)
     from tokentrain.runtime import quiet_console
 
@@ -202,7 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     prepare(work, settings, objectives, processes)
     failed = 0
     for config in configs:
-        for r in run_config(work, config, processes, a.cpu, settings, objectives, save=True, timeout=a.timeout):
+        timeout = a.timeout
+        if a.budget is not None:
+            timeout = min(timeout, a.budget - (time.time() - start))
+            if timeout < 30:
+                note(f"{config} skipped: {timeout:.0f} s left of the {a.budget:.0f} s budget")
+                for stem in objectives:
+                    failed += 1
+                    emit(f"gpu_check/{config}/{stem}/failed", 1, "run")
+                continue
+        for r in run_config(work, config, processes, a.cpu, settings, objectives, save=True, timeout=timeout):
             name = f"gpu_check/{config}/{r['stem']}"
             if r.get("error"):
                 failed += 1

@@ -20,5 +20,5 @@ if ! python -c "import deepspeed" 2>/dev/null; then
     echo "# deepspeed is not installed: zero2 and zero3 will fail (pip install -e '.[deepspeed]')"
 fi
 status=0
-timeout 590 python -m bench.gpu_check "$@" 2>&1 | tee bench/gpu_check.log || status=$?
+timeout 590 python -m bench.gpu_check --budget 570 "$@" 2>&1 | tee bench/gpu_check.log || status=$?
 exit "$status"

@@ -46,7 +46,7 @@ QWEN2_SHAPE = dict(
 # The tests' tiny Llama (tests/conftest.py's shape), and the CPU scaling benchmark's.
 TINY_SHAPE = dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64)
 SMALL_SHAPE = dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=688, max_positions=1024)
-SHAPES = ("tiny", "small", "qwen2")
+SHAPES = ("tiny", "tiny_untied", "small", "qwen2")
 
 _NAMES = ["Aromi", "The Eagle", "Zizzi", "Cotto", "Giraffe", "Loch Fyne", "The Mill", "Wildwood"]
 _FOODS = ["Italian", "French", "English", "Chinese", "Indian", "Japanese", "Fast food"]
@@ -101,8 +101,9 @@ def make_pairs(n: int, seed: int, sentences: int = 1) -> list[tuple[str, str]]:
 def build_policy(folder: Path, shape: str = "tiny", vocab: int = 300, seed: int = 0) -> Path:
     """Train a byte-level BPE tokenizer (up to `vocab` tokens) on generated rows and save a random policy with it.
 
-    `tiny`: the tests' 2-layer Llama (hidden 32, tied embeddings, vocabulary = the tokenizer's). `small`: a 4-layer
-    Llama of hidden 256 (the CPU scaling benchmark: enough compute per step for processes to matter). `qwen2`: a
+    `tiny`: the tests' 2-layer Llama (hidden 32, tied embeddings, vocabulary = the tokenizer's); `tiny_untied`: the
+    same with its own LM head (as most large models have: ZeRO-3 partitions it apart from the embedding). `small`: a
+    4-layer Llama of hidden 256 (the CPU scaling benchmark: enough compute per step for processes to matter). `qwen2`: a
     Qwen2-style model of `QWEN2_SHAPE` (151,936 embedding rows, as Qwen2.5: wider than its tokenizer, so every step
     pays the real vocabulary's LM-head and softmax cost).
     """
@@ -115,6 +116,13 @@ def build_policy(folder: Path, shape: str = "tiny", vocab: int = 300, seed: int 
     tokenizer = train_tokenizer([p + c for p, c in pairs] + ["user", "assistant", "system"], vocab_size=vocab)
     if shape == "tiny":
         model = tiny_llama(tokenizer, seed=seed, **TINY_SHAPE)
+    elif shape == "tiny_untied":
+        from transformers import LlamaForCausalLM
+
+        config = tiny_llama(tokenizer, seed=seed, **TINY_SHAPE).config
+        config.tie_word_embeddings = False
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     elif shape == "small":
         model = tiny_llama(tokenizer, seed=seed, **SMALL_SHAPE)
     elif shape == "qwen2":

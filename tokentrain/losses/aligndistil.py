@@ -24,16 +24,18 @@ Memory. `aligndistil_loss` takes hidden states (N, H) at the N response position
 projects `chunk_tokens` positions at a time, so the largest tensors are one chunk's (chunk_tokens, V) buffers; no
 (N, V) or (B, T, V) tensor exists in the forward or the backward. `_ChunkedAlignDistil` is the autograd function: its
 forward keeps only (N,) per-token results, its backward re-projects one chunk at a time (what non-reentrant
-activation checkpointing per chunk would do), entering the caller's `gather` context again so that ZeRO-3 heads are
-materialised during the recomputation as they are during the forward.
+activation checkpointing per chunk would do). ZeRO-3 heads: `aligndistil_loss` runs the check of the vocabularies and
+the forward inside the caller's `gather` context (a partition is empty outside it; the student's head is then seen at
+its full shape by autograd, as TRL's fused LM head calls its kernel), and the backward enters it again before it
+allocates or reads anything shaped like a head.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -230,7 +232,7 @@ class _ChunkedAlignDistil(torch.autograd.Function):
         kl = torch.zeros(n_pos, dtype=dtype, device=device)  # (N,)
         stats = torch.zeros(n_pos, 5, dtype=dtype, device=device)  # (N, 5)
         bad = torch.zeros(2, n_pos, dtype=torch.bool, device=device)  # (2, N) non-finite dpo / other logits
-        with torch.autocast(device.type, enabled=False), gather():
+        with torch.autocast(device.type, enabled=False):  # the heads are gathered by the caller (aligndistil_loss)
             for start in range(0, n_pos, chunk_tokens):
                 sl = slice(start, min(start + chunk_tokens, n_pos))
                 logp_s = _log_probs(h_s[sl], w_s, b_s)  # (n, V) student
@@ -265,12 +267,12 @@ class _ChunkedAlignDistil(torch.autograd.Function):
         settings, chunk_tokens = ctx.settings, ctx.chunk_tokens
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = kl.dtype  # float32 (float64 for float64 inputs): gradients accumulate in it
-        grad_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
-        grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_w else None
-        grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_b else None
-        if grad_kl is not None:
-            grad_kl = grad_kl.to(dtype)
-            with torch.autocast(h_s.device.type, enabled=False), ctx.gather():
+        with torch.autocast(h_s.device.type, enabled=False), ctx.gather():  # ZeRO-3: w_s, b_s full-sized from here
+            grad_h = torch.zeros(h_s.shape, dtype=dtype, device=h_s.device) if need_h else None
+            grad_w = torch.zeros(w_s.shape, dtype=dtype, device=w_s.device) if need_w else None
+            grad_b = torch.zeros(b_s.shape, dtype=dtype, device=b_s.device) if need_b else None
+            if grad_kl is not None:
+                grad_kl = grad_kl.to(dtype)
                 for start in range(0, h_s.shape[0], chunk_tokens):
                     sl = slice(start, min(start + chunk_tokens, h_s.shape[0]))
                     logp_d = _log_probs(h_d[sl], w_d, b_d)
@@ -295,12 +297,17 @@ class _ChunkedAlignDistil(torch.autograd.Function):
         return grad_h, grad_w, grad_b, *([None] * 9)
 
 
-@dataclass
-class AlignDistilOutput:
+class AlignDistilOutput(NamedTuple):
     """`loss` (scalar, with gradient) and the step tensors, each (N,) float32 without gradient, row-major over the
     micro-batch's response positions: `kl` (unweighted KL_t), `alpha`, `distance`, `beta_t`, `kl_dpo`
     (KL(p^θ‖p^d)), `kl_other` (KL(p^θ‖p^o)) and `reward` (β0 Σ_v p^θ (log p^d − log p^o), summed per sequence for the
-    `expected_reward` metric)."""
+    `expected_reward` metric).
+
+    A named tuple, not a dataclass: the trainer returns it from the student's forward, and DeepSpeed ZeRO-3 hooks a
+    module's outputs only inside tuples, lists and dicts. Through the `loss` tensor its backward pre-hook gathers an
+    untied LM head (read in the forward) again, so the head's full-sized gradient is accumulated while the head is
+    whole; in a dataclass the loss is invisible to it and AccumulateGrad meets the empty partition ("The size of
+    tensor a (0) must match the size of tensor b (H)")."""
 
     loss: Tensor
     kl: Tensor
@@ -310,6 +317,16 @@ class AlignDistilOutput:
     kl_dpo: Tensor
     kl_other: Tensor
     reward: Tensor
+
+
+class _no_gather:
+    """The `gather` of unsharded heads: nothing to gather (a context manager that does nothing)."""
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def aligndistil_loss(
@@ -326,7 +343,7 @@ def aligndistil_loss(
     num_sequences: Tensor | float,
     settings: TeacherSettings,
     chunk_tokens: int = 256,
-    gather: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    gather: Callable[[], object] | None = None,
 ) -> AlignDistilOutput:
     """AlignDistil's loss from hidden states and LM heads, `chunk_tokens` positions at a time (spec section 3).
 
@@ -347,33 +364,36 @@ def aligndistil_loss(
         num_sequences: S, the step's global number of sequences.
         settings: the teacher (`TeacherSettings`).
         chunk_tokens: positions projected at once.
-        gather: context-manager factory entered around every head access, forward and backward (ZeRO-3:
-            `lambda: trl.trainer.utils.maybe_gather_lm_head_ctx(*heads)`).
+        gather: context-manager factory (default: none needed) entered around every head access: once around the vocabulary check and the
+            forward, once in the backward (ZeRO-3: `lambda: trl.trainer.utils.maybe_gather_lm_head_ctx(*heads)`).
 
     Returns:
         `AlignDistilOutput`.
     """
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    v = student_weight.shape[0]
-    if dpo_weight.shape[0] != v or other_weight.shape[0] != v:
-        raise ValueError(
-            f"LM heads of different vocabularies: student {v}, dpo {dpo_weight.shape[0]}, other {other_weight.shape[0]}"
+    gather = gather or _no_gather
+    with gather():  # ZeRO-3: the heads' shapes, and the forward's projections, are only full inside it
+        v = student_weight.shape[0]
+        if dpo_weight.shape[0] != v or other_weight.shape[0] != v:
+            raise ValueError(
+                f"LM heads of different vocabularies: student {v}, dpo {dpo_weight.shape[0]}, "
+                f"other {other_weight.shape[0]}"
+            )
+        kl, stats = _ChunkedAlignDistil.apply(
+            student_hidden,
+            student_weight,
+            student_bias,
+            dpo_hidden.detach(),
+            dpo_weight.detach(),
+            None if dpo_bias is None else dpo_bias.detach(),
+            other_hidden.detach(),
+            other_weight.detach(),
+            None if other_bias is None else other_bias.detach(),
+            settings,
+            chunk_tokens,
+            gather,
         )
-    kl, stats = _ChunkedAlignDistil.apply(
-        student_hidden,
-        student_weight,
-        student_bias,
-        dpo_hidden.detach(),
-        dpo_weight.detach(),
-        None if dpo_bias is None else dpo_bias.detach(),
-        other_hidden.detach(),
-        other_weight.detach(),
-        None if other_bias is None else other_bias.detach(),
-        settings,
-        chunk_tokens,
-        gather,
-    )
     alpha = stats[:, 0]
     beta_t = settings.beta0 / alpha  # (N,)
     loss = sequence_mean_loss(beta_t * kl, seq_index, num_sequences)

@@ -242,7 +242,7 @@ def _check_weights_not_all_zero(dataset) -> None:
 def _check_target_ids(dataset, model) -> None:
     """Every target id must be an integer id the model can predict (< its logit width)."""
     head = (model.get_base_model() if hasattr(model, "get_base_model") else model).get_output_embeddings()
-    vocab = head.weight.shape[0]
+    vocab = getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3: the local partition is empty
     if vocab > FLOAT_EXACT_IDS:
         raise ValueError(f"the model's vocabulary ({vocab}) is too large for float32 target_ids columns")
     for i, (targets, completion) in enumerate(zip(dataset["target_ids"], dataset["completion_ids"])):
