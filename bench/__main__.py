@@ -17,6 +17,7 @@ MODULES = [
     "bench.concept_heads",
     "bench.aligndistil",
     "bench.scaling",
+    "bench.scoring",
 ]
 
 

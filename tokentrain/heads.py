@@ -42,6 +42,8 @@ import torch
 from torch import nn
 
 from .losses.concept_heads import IGNORE_INDEX, head_targets
+from .models import causal_lm
+from .signals.head import logit_transform
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +102,6 @@ class ResBlock(nn.Module):
 # ---------------------------------------------------------------------------------------------- model anatomy
 
 
-def causal_lm(model):
-    """The transformers causal LM under a PEFT wrapper, else the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def decoder_layers(model) -> nn.ModuleList:
     """The decoder's `layers` list; a model without one is an error naming its class."""
     lm = causal_lm(model)
@@ -132,20 +129,6 @@ def final_norm(model) -> nn.Module:
         f"{type(decoder).__name__} has no final norm among {list(_NORM_NAMES)}: the heads apply the base's final norm "
         "before its unembedding"
     )
-
-
-def logit_transform(model) -> tuple[float, float | None]:
-    """(scale, softcap) the model's own forward applies to its logits, read from the config as TRL's fused head does.
-    Llama, Qwen, Mistral and DeepSeek have neither: (1.0, None)."""
-    config = causal_lm(model).config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
-    return (1.0 if scale is None else float(scale)), getattr(config, "final_logit_softcapping", None)
 
 
 def _shape(param: torch.Tensor) -> tuple[int, ...]:

@@ -7,18 +7,21 @@ trainer computes its teacher online. This pass shows where the DPO and the other
 For each row, split as TRL 1.16's `DPOTrainer` splits it (`data.split_preference_row`), the frozen DPO model and the
 other model (reverse DPO for `teacher: contrastive`, the reference for `dpo_ref`) read prompt_ids ⊕ chosen_ids, and
 entry t of each column comes from the two distributions that predict `completion_ids[t]` (the context ends at
-position P−1+t for a prompt of P tokens), through the loss's own function (`losses.aligndistil.teacher_log_probs`):
+position P−1+t for a prompt of P tokens), through the loss's own functions (`losses.aligndistil.distribution_distance`, `token_alpha`):
 
     aligndistil_distance[t] = D_t    (tvd: 1/2 Σ_v |p^d − p^o|; l1: Σ_v |p^d − p^o|)
     aligndistil_alpha[t]    = α_t    (r·D_t + ε, or the constant ratio)
 
-Memory: backbones only, then the N response positions projected `chunk_tokens` at a time (no [B, T, V] logits);
-logits in float32. Sequences sorted by length (longest first), strided over processes with accelerate, returned in
+Memory: backbones only, then the N response positions through both heads by the path `signals.head.plan_head` picks
+from N, V and the device (direct: at most `chunk_tokens` positions of full (n, V) logits; fused: (n, vocab tile)
+tiles, two passes: the normalisers, then Σ_v |p^d − p^o|), never [B, T, V] logits; logits in float32. The teacher
+log π* is not built: only D_t and α_t are stored. Sequences sorted by length (longest first), strided over processes with accelerate, returned in
 input row order on every process. Modelled on `signals/contrastive.py`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -26,26 +29,59 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import check_alignment, check_pair_prompt, split_preference_row
-from ..losses.aligndistil import TeacherSettings, project_logits, teacher_log_probs
+from ..losses.aligndistil import TeacherSettings, distribution_distance, token_alpha
 from ..models import causal_lm, check_auxiliary_models, model_name, warn_if_same
+from .head import OnlineLogSumExp, head_device, hidden_states, logit_transform, logit_width, plan_head, project
 
 logger = logging.getLogger(__name__)
 
 COLUMNS = ("completion_ids", "aligndistil_distance", "aligndistil_alpha")
 
 
-def _project(model, hidden: torch.Tensor) -> torch.Tensor:
-    """(n, H) hidden states -> (n, V) float32 logits through the model's LM head (the loss's projection)."""
-    head = causal_lm(model).get_output_embeddings()
-    return project_logits(hidden.to(head.weight.device), head.weight, head.bias)
+def _non_finite(z: torch.Tensor) -> torch.Tensor:
+    """(n,) rows of z (n, v) holding an inf or a nan: a row sum is non-finite then (one cheap pass, no (n, v) mask),
+    confirmed element-wise on those rows only (a sum of huge finite logits can overflow)."""
+    bad = ~torch.isfinite(z.sum(dim=-1))
+    if bad.any():
+        bad[bad.clone()] = ~torch.isfinite(z[bad]).all(dim=-1)
+    return bad
 
 
-def _hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
-    """(B, T, H) last hidden states of the backbone alone: no LM head, so no (B, T, V) logits."""
-    lm = causal_lm(model)
-    device = next(lm.parameters()).device
-    out = lm.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-    return out.last_hidden_state  # (B, T, H)
+def _distance_alpha(dpo_model, other_model, h_d, h_o, settings: TeacherSettings, plan) -> tuple[torch.Tensor, ...]:
+    """(D_t, α_t, first non-finite position or -1, which model) of N positions from their hidden states (N, H) under
+    each model, by `plan`'s path. Only D and α: the teacher log π* the loss needs is never built here."""
+    device, vocab = head_device(dpo_model), logit_width(dpo_model)
+    transforms = (logit_transform(dpo_model), logit_transform(other_model))
+    n_pos = h_d.shape[0]
+    distance, alpha = torch.zeros(n_pos), torch.zeros(n_pos)  # (N,) each
+    for sl in plan.chunks(n_pos):
+        if plan.path == "direct":
+            z_d = project(dpo_model, h_d[sl], transforms[0])  # (n, V) float32
+            z_o = project(other_model, h_o[sl], transforms[1]).to(device)
+            for which, z in enumerate((z_d, z_o)):
+                bad = _non_finite(z)
+                if bad.any():
+                    return distance, alpha, sl.start + int(bad.nonzero()[0]), which
+            d = distribution_distance(torch.log_softmax(z_d, dim=-1), torch.log_softmax(z_o, dim=-1), settings.distance)
+        else:  # fused: pass 1 both normalisers over vocabulary tiles, pass 2 Σ_v |p^d - p^o| tile by tile
+            k = sl.stop - sl.start
+            lse = (OnlineLogSumExp(k, device), OnlineLogSumExp(k, device))
+            for start, end in plan.tiles(vocab):
+                for which, (model, h) in enumerate(((dpo_model, h_d), (other_model, h_o))):
+                    z = project(model, h[sl], transforms[which], start, end).to(device)  # (n, v)
+                    bad = _non_finite(z)
+                    if bad.any():
+                        return distance, alpha, sl.start + int(bad.nonzero()[0]), which
+                    lse[which].add(z, start)
+            log_z = (lse[0].value().unsqueeze(1), lse[1].value().unsqueeze(1))  # (n, 1) each
+            d = torch.zeros(k, device=device)
+            for start, end in plan.tiles(vocab):
+                p_d = project(dpo_model, h_d[sl], transforms[0], start, end).sub_(log_z[0]).exp_()  # (n, v)
+                p_o = project(other_model, h_o[sl], transforms[1], start, end).to(device).sub_(log_z[1]).exp_()
+                d += p_d.sub_(p_o).abs_().sum(dim=-1)
+            d = 0.5 * d if settings.distance == "tvd" else d
+        distance[sl], alpha[sl] = d.cpu(), token_alpha(d, settings).cpu()
+    return distance, alpha, -1, -1
 
 
 @torch.no_grad()
@@ -59,6 +95,7 @@ def score_aligndistil_alpha(
     chunk_tokens: int = 256,
     accelerator=None,
     names: tuple[str, str] = ("dpo_model", "other_model"),
+    head_path: str = "auto",
 ) -> dict[str, list[Any]]:
     """D_t and α_t of every response token of `dataset` (rows with `prompt` and `chosen`; `rejected` joins TRL's
     split when present, as it does in TRL), in input order, the same on every process.
@@ -69,7 +106,8 @@ def score_aligndistil_alpha(
     Errors (naming the row, position or model): stored `completion_ids` that differ from this tokenisation (row and
     first differing position); an empty prompt (no position predicts the first response token); a row longer than the
     models' `max_position_embeddings`; models with a logit transform or LM heads of different widths; a non-finite
-    logit. The DPO and other model being the same weights is a warning (α_t = ε everywhere).
+    logit. The DPO and other model being the same weights is a warning (α_t = ε everywhere). `head_path` forces the
+    head computation ("direct" or "fused", `signals.head.plan_head`); `chunk_tokens` caps its positions per chunk.
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -139,24 +177,19 @@ def score_aligndistil_alpha(
             predicts[b, len(prompt) - 1 : len(ids) - 1] = True
         hidden = []
         for m in (dpo_model, other_model):
-            h = _hidden_states(m, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+            h = hidden_states(m, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
             hidden.append(h[predicts.to(h.device)])  # (N, H)
-        n_pos = hidden[0].shape[0]
-        distance, alpha = torch.zeros(n_pos), torch.zeros(n_pos)  # (N,) each
-        for start in range(0, n_pos, chunk_tokens):
-            sl = slice(start, min(start + chunk_tokens, n_pos))
-            z_d = _project(dpo_model, hidden[0][sl])  # (n, V) float32
-            z_o = _project(other_model, hidden[1][sl]).to(z_d.device)
-            for z, name in ((z_d, names[0]), (z_o, names[1])):
-                bad = ~torch.isfinite(z).all(-1)
-                if bad.any():
-                    b, p = predicts.nonzero()[start + int(bad.nonzero()[0])].tolist()
-                    raise ValueError(
-                        f"non-finite logits from {name}: row {batch[b]}, position {p} (the context predicting "
-                        f"response token {p - len(rows[batch[b]][0]) + 1})"
-                    )
-            _, a, d = teacher_log_probs(z_d, z_o, settings)
-            alpha[sl], distance[sl] = a.cpu(), d.cpu()
+        plan = plan_head(hidden[0].shape[0], logit_width(dpo_model), head_device(dpo_model), 2, head_path)
+        plan = dataclasses.replace(plan, rows=min(plan.rows, chunk_tokens))
+        distance, alpha, first_bad, which = _distance_alpha(
+            dpo_model, other_model, hidden[0], hidden[1], settings, plan
+        )
+        if first_bad >= 0:
+            b, p = predicts.nonzero()[first_bad].tolist()
+            raise ValueError(
+                f"non-finite logits from {names[which]}: row {batch[b]}, position {p} (the context predicting "
+                f"response token {p - len(rows[batch[b]][0]) + 1})"
+            )
         counts = predicts.sum(dim=1).tolist()
         for j, d, a in zip(batch, distance.split(counts), alpha.split(counts)):
             results.append((j, d.tolist(), a.tolist()))
@@ -207,13 +240,13 @@ def sequence_kl(
             predicts[b, len(prompts[j]) - 1 : len(ids) - 1] = True
         hidden = []
         for m in (model, reference):
-            h = _hidden_states(m, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+            h = hidden_states(m, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
             hidden.append(h[predicts.to(h.device)])  # (N, H)
         kl = torch.zeros(hidden[0].shape[0])  # (N,)
         for s in range(0, kl.numel(), chunk_tokens):
             sl = slice(s, min(s + chunk_tokens, kl.numel()))
-            z = _project(model, hidden[0][sl])  # (n, V) float32
-            logp_ref = torch.log_softmax(_project(reference, hidden[1][sl]).to(z.device), dim=-1)
+            z = project(model, hidden[0][sl], logit_transform(model))  # (n, V) float32
+            logp_ref = torch.log_softmax(project(reference, hidden[1][sl], logit_transform(reference)).to(z.device), -1)
             kl[sl] = reverse_kl(z, logp_ref).cpu()
         for j, row in zip(batch, kl.split(predicts.sum(dim=1).tolist())):
             out[j] = float(row.sum())

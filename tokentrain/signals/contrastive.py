@@ -9,8 +9,9 @@ and negative models read prompt_ids ⊕ rejected_ids, and every rejected token y
 same way and stored as `chosen_weights[t]` = s_t. Only completion positions are scored.
 
 Memory: the backbones run once per batch, giving hidden states (B, T, H); only the completion positions are kept,
-flattened to (N, H), and projected through each LM head at most `chunk_size` positions at a time, so the largest
-logits tensor is (chunk_size, V), never (B, T, V). Logits are upcast to float32 before they are combined.
+flattened to (N, H), and projected through each LM head by the path `signals.head.plan_head` picks from N, V and
+the device (direct: at most `chunk_size` positions of full (n, V) logits; fused: (n, vocab tile) tiles folded into
+a running logsumexp of c), never (B, T, V). Logits are float32 before they are combined.
 
 EOS rule [official code]: plain-text rows get EOS appended by TRL; that final EOS entry is 1.0 in both weight
 columns (the code scored the text without EOS and set s = 0 there). Chat-template end tokens are scored like any
@@ -23,6 +24,7 @@ returned in input row order on every process.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -31,42 +33,20 @@ from trl.data_utils import is_conversational
 
 from ..data import check_pair_prompt, split_preference_row
 from ..losses.critical_dpo import contrastive_scores
+from ..models import causal_lm
 from ..runtime import progress
+from .head import OnlineLogSumExp, head_device, hidden_states, logit_transform, logit_width, plan_head, project
 
 logger = logging.getLogger(__name__)
 
 
-def _causal_lm(model):
-    """The transformers model under a PEFT wrapper (its adapters stay injected and active), else the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _logit_width(model) -> int:
-    return _causal_lm(model).get_output_embeddings().weight.shape[0]
-
-
-def _logit_transform(model):
-    """(scale, softcap) the model's own forward applies to its logits, read from the config as TRL's fused head does:
-    `logit_scale` / `output_multiplier` / `lm_head_multiplier` / 1 / `logits_scaling`, then `final_logit_softcapping`.
-    Llama, Qwen, Mistral and DeepSeek have neither: (1.0, None)."""
-    config = _causal_lm(model).config.get_text_config()
-    scale = getattr(config, "logit_scale", None)
-    if scale is None:
-        scale = getattr(config, "output_multiplier", None)
-    if scale is None:
-        scale = getattr(config, "lm_head_multiplier", None)
-    if scale is None and getattr(config, "logits_scaling", None) is not None:
-        scale = config.logits_scaling if config.model_type == "hyperclovax" else 1 / config.logits_scaling
-    return (1.0 if scale is None else scale), getattr(config, "final_logit_softcapping", None)
-
-
 def _check_models(pos_model, neg_model, tokenizer) -> None:
-    if pos_model is neg_model or _causal_lm(pos_model) is _causal_lm(neg_model):
+    if pos_model is neg_model or causal_lm(pos_model) is causal_lm(neg_model):
         raise ValueError(
             "pos_model and neg_model are the same model: the contrastive estimate needs the positive and the negative "
             "fine-tunes (two checkpoints, or two adapters loaded separately)"
         )
-    pos_width, neg_width = _logit_width(pos_model), _logit_width(neg_model)
+    pos_width, neg_width = logit_width(pos_model), logit_width(neg_model)
     if pos_width != neg_width:
         raise ValueError(
             f"pos_model has {pos_width} logits per position but neg_model has {neg_width}: both must be fine-tunes "
@@ -79,24 +59,25 @@ def _check_models(pos_model, neg_model, tokenizer) -> None:
         )
 
 
-def _project(model, hidden: torch.Tensor, transform) -> torch.Tensor:
-    """(n, H) hidden states -> (n, V) float32 logits through the model's LM head, transformed as its forward does."""
-    head = _causal_lm(model).get_output_embeddings()
-    logits = head(hidden.to(head.weight.device)).float()  # (n, V) upcast before combining
-    scale, softcap = transform
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap is not None:
-        logits = softcap * torch.tanh(logits / softcap)
-    return logits
-
-
-def _hidden_states(model, input_ids, attention_mask) -> torch.Tensor:
-    """(B, T, H) last hidden states of the backbone alone: no LM head, so no (B, T, V) logits."""
-    lm = _causal_lm(model)
-    device = next(lm.parameters()).device
-    out = lm.base_model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
-    return out.last_hidden_state  # (B, T, H)
+def _scores(pos_model, neg_model, h_pos, h_neg, targets, ce_beta, transforms, plan) -> torch.Tensor:
+    """s_t of N positions (N,) float32 from their hidden states (N, H) under each model, by `plan`'s path."""
+    device = head_device(pos_model)
+    out = torch.zeros(targets.numel())  # (N,)
+    for sl in plan.chunks(targets.numel()):
+        y = targets[sl].to(device)  # (n,)
+        if plan.path == "direct":
+            z_pos = project(pos_model, h_pos[sl], transforms[0])  # (n, V) float32
+            z_neg = project(neg_model, h_neg[sl], transforms[1]).to(device)  # (n, V) float32
+            out[sl] = contrastive_scores(z_pos, z_neg, y, torch.ones_like(y, dtype=torch.bool), ce_beta).cpu()
+            continue
+        # fused: c = (1 + b) z+ - b z- one vocabulary tile at a time, s = exp(c_y - logsumexp c)
+        lse = OnlineLogSumExp(y.numel(), device, y)
+        for start, end in plan.tiles(logit_width(pos_model)):
+            c = project(pos_model, h_pos[sl], transforms[0], start, end).mul_(1.0 + ce_beta)  # (n, v)
+            c.sub_(project(neg_model, h_neg[sl], transforms[1], start, end).to(device), alpha=ce_beta)
+            lse.add(c, start)
+        out[sl] = torch.exp(lse.target - lse.value()).cpu()
+    return out
 
 
 @torch.no_grad()
@@ -112,13 +93,15 @@ def score_contrastive(
     max_prompt_length: int | None = 512,
     max_length: int | None = 1024,
     accelerator=None,
+    head_path: str = "auto",
 ) -> dict[str, list[Any]]:
     """Contrastive weights of every kept row of `dataset` (rows with `prompt`, `chosen`, `rejected`, plain or chat).
 
     Returns columns of equal length, one entry per kept row, in input order (the same on every process):
     `kept_rows` (index of the row in `dataset`), `prompt_ids`, `chosen_ids`, `rejected_ids` (TRL's split),
     `rejected_weights` (1 − s_t, one per rejected id) and, with `score_chosen`, `chosen_weights` (s_t). The score stage
-    writes `dataset.select(kept_rows)` with the other columns added. Weights are float32 values.
+    writes `dataset.select(kept_rows)` with the other columns added. Weights are float32 values. `head_path` forces
+    the head computation ("direct" or "fused", `signals.head.plan_head`; `chunk_size` caps its positions per chunk).
 
     Errors: `pos_model` is `neg_model`; different logit widths, or a tokenizer larger than them; a row whose chosen
     and rejected are equal; a kept row longer than the models' `max_position_embeddings` (never truncated).
@@ -167,7 +150,7 @@ def score_contrastive(
         return rows[r]["prompt_ids"] + rows[r][f"{side}_ids"]
 
     max_positions = min(
-        getattr(_causal_lm(m).config.get_text_config(), "max_position_embeddings", None) or 1 << 62
+        getattr(causal_lm(m).config.get_text_config(), "max_position_embeddings", None) or 1 << 62
         for m in (pos_model, neg_model)
     )
     for key in seqs:
@@ -184,7 +167,7 @@ def score_contrastive(
 
     pos_model.eval()
     neg_model.eval()
-    transforms = (_logit_transform(pos_model), _logit_transform(neg_model))
+    transforms = (logit_transform(pos_model), logit_transform(neg_model))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = []
     for batch in progress(batches, desc="Scoring (contrastive)", enabled=accelerator.is_main_process):
@@ -201,17 +184,12 @@ def score_contrastive(
         targets = input_ids[:, 1:][predicts]  # (N,) the completion tokens, row by row
 
         # Backbones only, then just the N completion positions: no (B, T, V) logits.
-        hidden = [_hidden_states(m, input_ids, attention_mask)[:, :-1] for m in (pos_model, neg_model)]  # (B, T-1, H)
+        hidden = [hidden_states(m, input_ids, attention_mask)[:, :-1] for m in (pos_model, neg_model)]  # (B, T-1, H)
         mask_dev = predicts.to(hidden[0].device)
         pos_hidden, neg_hidden = hidden[0][mask_dev], hidden[1][mask_dev.to(hidden[1].device)]  # (N, H) each
-        scores = []
-        for start in range(0, targets.numel(), chunk_size):
-            end = min(start + chunk_size, targets.numel())
-            z_pos = _project(pos_model, pos_hidden[start:end], transforms[0])  # (n, V) float32
-            z_neg = _project(neg_model, neg_hidden[start:end], transforms[1]).to(z_pos.device)  # (n, V) float32
-            y = targets[start:end].to(z_pos.device)  # (n,)
-            scores.append(contrastive_scores(z_pos, z_neg, y, torch.ones_like(y, dtype=torch.bool), ce_beta).cpu())
-        scores = torch.cat(scores) if scores else torch.zeros(0)  # (N,) float32
+        plan = plan_head(targets.numel(), logit_width(pos_model), head_device(pos_model), 2, head_path)
+        plan = dataclasses.replace(plan, rows=min(plan.rows, chunk_size))
+        scores = _scores(pos_model, neg_model, pos_hidden, neg_hidden, targets, ce_beta, transforms, plan)  # (N,)
         counts = predicts.sum(dim=1).tolist()
         for j, s in zip(batch, scores.split(counts)):
             results.append((j, s))

@@ -1,6 +1,7 @@
 """Scoring pass: per-token log-probs of a frozen reference model, stored as `ref_logps` beside `completion_ids`.
 
-r_j = log P_ref(c_j | view, c_<j) for every completion token c_j, computed once through TRL's fused LM head (never
+r_j = log P_ref(c_j | view, c_<j) for every completion token c_j, computed once: the backbone, then only the completion
+positions through the LM head by the path `signals.head.plan_head` picks per batch from N, V and the device (never
 `[B, T, V]` logits), in batches sorted by length (longest first, so no batch pads much), sharded over processes with
 accelerate and returned in input order.
 
@@ -15,11 +16,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from trl.trainer.utils import add_fused_lm_head
 
 from ..data import completion_ids_of, row_kind, tokenize_row
 from ..runtime import progress
 from ..tokens import IGNORE_INDEX
+from .head import hidden_states, logit_transform, logit_width, plan_head, target_logps
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,10 @@ def score_ref_logps(
     batch_size: int = 16,
     accelerator=None,
     chat_template=None,
+    head_path: str = "auto",
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """(completion_ids, ref_logps) per row of `dataset`, in input order, on every process."""
+    """(completion_ids, ref_logps) per row of `dataset`, in input order, on every process. `head_path` forces the
+    head computation ("direct" or "fused", `signals.head.plan_head`); "auto" picks it per batch."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
@@ -75,7 +78,7 @@ def score_ref_logps(
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
 
     reference.eval()
-    add_fused_lm_head(reference, cast_lm_head_to_fp32=True)
+    transform, vocab = logit_transform(reference), logit_width(reference)
     device = next(reference.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = []
@@ -89,16 +92,13 @@ def score_ref_logps(
             input_ids[b, :n] = torch.tensor(views[i]["input_ids"])
             labels[b, :n] = torch.tensor(views[i]["labels"])
             attention_mask[b, :n] = 1
-        out = reference(
-            input_ids=input_ids.to(device),
-            attention_mask=attention_mask.to(device),
-            labels=labels.to(device),
-            fused_lm_head=True,
-        )
-        logps = out.log_probs.float().cpu()  # (B, T-1)
-        valid = out.label_mask.cpu()  # (B, T-1)
-        for b, i in enumerate(batch):
-            results.append((i, logps[b][valid[b]].tolist()))
+        valid = labels[:, 1:] != IGNORE_INDEX  # (B, T-1) positions whose next token is scored
+        hidden = hidden_states(reference, input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+        h = hidden[valid.to(hidden.device)]  # (N, H) only the scored positions reach the head
+        plan = plan_head(h.shape[0], vocab, device, path=head_path)
+        logps = target_logps(reference, h, labels[:, 1:][valid], plan, transform)  # (N,) float32
+        for i, row in zip(batch, logps.split(valid.sum(dim=1).tolist())):
+            results.append((i, row.tolist()))
 
     gathered = gather_object(results) if accelerator.num_processes > 1 else results
     by_row = dict(gathered)

@@ -10,8 +10,9 @@ a later match of a term already seen in the row (rule (a)); elsewhere 0.0 and ta
 z = s and q_j = j: reinforcement-only labels, every position with a prefix weighted.
 
 Memory: both backbones run once per batch (hidden states (B, T, H)); only the weighted positions are gathered, (N, H),
-and projected through each LM head at most `chunk_size` positions at a time, keeping only the argmaxes: the largest
-logits tensor is (chunk_size, V), never (B, T, V). Rows are sorted by length (longest first), strided over processes
+and projected through each LM head by the path `signals.head.plan_head` picks from N, V and the device (direct: at
+most `chunk_size` positions of full (n, V) logits; fused: (n, vocab tile) tiles with running argmaxes), keeping only
+the argmaxes, never (B, T, V) logits. Rows are sorted by length (longest first), strided over processes
 with accelerate and returned in input order on every process.
 
 Errors: models of different logit widths or tokenizer vocabularies (both named, first differing token), a dictionary
@@ -21,6 +22,7 @@ models' positions (never truncated), `alpha` < 0 or not finite, `repeat_penalty`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -30,7 +32,8 @@ import torch
 from trl.data_utils import common_prefix_length
 
 from ..data import context_ids_of, row_kind, target_positions, tokenize_row
-from ..losses.unlearning import generic_labels
+from ..losses.unlearning import generic_labels, generic_logits
+from ..models import causal_lm
 from ..runtime import progress
 from ..tokens import IGNORE_INDEX
 from .anchors import (
@@ -41,7 +44,7 @@ from .anchors import (
     row_text,
     tokenize_with_offsets,
 )
-from .contrastive import _causal_lm, _hidden_states, _logit_transform, _logit_width, _project
+from .head import head_device, hidden_states, logit_transform, logit_width, plan_head, project
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +67,13 @@ class _Row:
 
 
 def _model_name(model, fallback: str) -> str:
-    return getattr(_causal_lm(model).config, "_name_or_path", "") or fallback
+    return getattr(causal_lm(model).config, "_name_or_path", "") or fallback
 
 
 def check_label_models(baseline, reinforced, tokenizer, reinforced_tokenizer=None) -> None:
     """Baseline and reinforced must share the vocabulary: logit width and, when given, the tokenizers' vocab."""
     b_name, r_name = _model_name(baseline, "baseline"), _model_name(reinforced, "reinforced")
-    b_width, r_width = _logit_width(baseline), _logit_width(reinforced)
+    b_width, r_width = logit_width(baseline), logit_width(reinforced)
     if b_width != r_width:
         raise ValueError(
             f"baseline {b_name!r} has {b_width} logits per position but reinforced {r_name!r} has {r_width}: the "
@@ -162,6 +165,48 @@ def _pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor
     return input_ids, attention_mask
 
 
+def _penalty_mask(penalties, rows: slice, start: int, end: int, device) -> torch.Tensor:
+    """Rule (b)'s (n, end - start) bool mask of positions `rows` over vocabulary ids [start, end)."""
+    pen_rows, pen_ids = penalties
+    sel = (pen_rows >= rows.start) & (pen_rows < rows.stop) & (pen_ids >= start) & (pen_ids < end)
+    mask = torch.zeros((rows.stop - rows.start, end - start), dtype=torch.bool, device=device)  # (n, v)
+    mask[(pen_rows[sel] - rows.start).to(device), (pen_ids[sel] - start).to(device)] = True
+    return mask
+
+
+def _labels(baseline, reinforced, h_b, h_r, alpha, penalty, penalties, transforms, plan):
+    """(generic labels, baseline argmax) of N positions, long (N,) each, from the hidden states (N, H) of each model
+    by `plan`'s path. Ties go to the lowest id on both paths (torch.argmax; a later tile must be strictly larger)."""
+    device, vocab = head_device(baseline), logit_width(baseline)
+    n = h_b.shape[0]
+    targets, base_top = torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)  # (N,) each
+    for sl in plan.chunks(n):
+        k = sl.stop - sl.start
+        best = {
+            "g": torch.full((k,), float("-inf"), device=device),
+            "b": torch.full((k,), float("-inf"), device=device),
+        }
+        arg = {
+            "g": torch.zeros(k, dtype=torch.long, device=device),
+            "b": torch.zeros(k, dtype=torch.long, device=device),
+        }
+        for start, end in plan.tiles(vocab):
+            v_b = project(baseline, h_b[sl], transforms[0], start, end)  # (n, v) float32
+            v_r = project(reinforced, h_r[sl], transforms[1], start, end).to(device)  # (n, v) float32
+            mask = _penalty_mask(penalties, sl, start, end, device) if penalty > 0 else None
+            if plan.path == "direct":  # one tile: the loss's own function
+                arg["b"] = v_b.argmax(dim=-1)
+                arg["g"] = generic_labels(v_b, v_r, alpha, mask, penalty, inplace=True)
+                continue
+            for key, v in (("b", v_b), ("g", generic_logits(v_b, v_r, alpha, mask, penalty, inplace=True))):
+                value, index = v.max(dim=-1)  # (n,) first maximum within the tile
+                better = value > best[key]
+                best[key] = torch.where(better, value, best[key])
+                arg[key] = torch.where(better, index + start, arg[key])
+        targets[sl], base_top[sl] = arg["g"].cpu(), arg["b"].cpu()
+    return targets, base_top
+
+
 @torch.no_grad()
 def score_whp_labels(
     dataset,
@@ -176,6 +221,7 @@ def score_whp_labels(
     accelerator=None,
     chat_template: str | None = None,
     reinforced_tokenizer=None,
+    head_path: str = "auto",
 ) -> tuple[dict[str, list[Any]], dict[str, Any]]:
     """Generic labels of every row of `dataset` (prompt/completion, text or chat rows).
 
@@ -184,6 +230,8 @@ def score_whp_labels(
     |completion_ids|, `prompt_ids` (list[int], the row's other tokens: the trainer checks the context too) and
     `n_anchor_matches` (int). `stats` is what the stage writes to stats.json: rows, positions,
     weighted, changed, flipped, term_first, leak, anchor_matches, alpha, repeat_penalty (section 2.6).
+    `head_path` forces the head computation ("direct" or "fused", `signals.head.plan_head`); "auto" picks it per
+    batch, `chunk_size` caps its positions per chunk.
     """
     from accelerate import Accelerator
     from accelerate.utils import gather_object
@@ -212,7 +260,7 @@ def score_whp_labels(
     if anchors is not None:
         accelerator.print(check_match_counts(anchors, counts))
     max_positions = min(
-        getattr(_causal_lm(m).config.get_text_config(), "max_position_embeddings", None) or 1 << 62
+        getattr(causal_lm(m).config.get_text_config(), "max_position_embeddings", None) or 1 << 62
         for m in (baseline, reinforced)
     )
     for i, row in enumerate(rows):
@@ -237,8 +285,8 @@ def score_whp_labels(
 
     baseline.eval()
     reinforced.eval()
-    transforms = (_logit_transform(baseline), _logit_transform(reinforced))
-    vocab = _logit_width(baseline)
+    transforms = (logit_transform(baseline), logit_transform(reinforced))
+    vocab = logit_width(baseline)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     results = []
     for batch in progress(batches, desc="Scoring (whp_labels)", enabled=accelerator.is_main_process):
@@ -254,29 +302,24 @@ def score_whp_labels(
                     z_pos.append(q - 1)
                     s_pos.append(j - 1)
         n = len(b_idx)
-        targets = torch.zeros(n, dtype=torch.long)
-        base_top = torch.zeros(n, dtype=torch.long)
+        targets = base_top = torch.zeros(n, dtype=torch.long)
         if n:
             z_ids, z_mask = _pad([rows[i].z_ids for i in batch], pad_id)
             s_ids, s_mask = _pad([rows[i].s_ids for i in batch], pad_id)
-            hidden_b = _hidden_states(baseline, z_ids, z_mask)  # (B, Tz, H)
-            hidden_r = _hidden_states(reinforced, s_ids, s_mask)  # (B, Ts, H)
+            hidden_b = hidden_states(baseline, z_ids, z_mask)  # (B, Tz, H)
+            hidden_r = hidden_states(reinforced, s_ids, s_mask)  # (B, Ts, H)
             idx_b = torch.tensor(b_idx)
             h_b = hidden_b[idx_b.to(hidden_b.device), torch.tensor(z_pos, device=hidden_b.device)]  # (N, H)
             h_r = hidden_r[idx_b.to(hidden_r.device), torch.tensor(s_pos, device=hidden_r.device)]  # (N, H)
-            pen_rows_t, pen_ids_t = torch.tensor(pen_rows, dtype=torch.long), torch.tensor(pen_ids, dtype=torch.long)
-            step = chunk_size if repeat_penalty == 0 else max(1, min(chunk_size, PENALTY_MASK_ELEMENTS // vocab))
-            for start in range(0, n, step):
-                end = min(start + step, n)
-                v_b = _project(baseline, h_b[start:end], transforms[0])  # (n, V) float32
-                v_r = _project(reinforced, h_r[start:end], transforms[1]).to(v_b.device)  # (n, V) float32
-                mask = None
-                if repeat_penalty > 0:
-                    sel = (pen_rows_t >= start) & (pen_rows_t < end)
-                    mask = torch.zeros(v_b.shape, dtype=torch.bool, device=v_b.device)  # (n, V)
-                    mask[(pen_rows_t[sel] - start).to(v_b.device), pen_ids_t[sel].to(v_b.device)] = True
-                base_top[start:end] = v_b.argmax(dim=-1).cpu()
-                targets[start:end] = generic_labels(v_b, v_r, alpha, mask, repeat_penalty, inplace=True).cpu()
+            plan = plan_head(n, vocab, head_device(baseline), 2, head_path)
+            cap = (
+                chunk_size if repeat_penalty == 0 else max(1, min(chunk_size, PENALTY_MASK_ELEMENTS // plan.vocab_tile))
+            )
+            plan = dataclasses.replace(plan, rows=min(plan.rows, cap))
+            penalties = (torch.tensor(pen_rows, dtype=torch.long), torch.tensor(pen_ids, dtype=torch.long))
+            targets, base_top = _labels(
+                baseline, reinforced, h_b, h_r, alpha, repeat_penalty, penalties, transforms, plan
+            )
         counts_per_row = torch.bincount(torch.tensor(b_idx, dtype=torch.long), minlength=len(batch)).tolist()
         for i, t, top in zip(batch, targets.split(counts_per_row), base_top.split(counts_per_row)):
             results.append((i, t.tolist(), top.tolist()))
