@@ -46,7 +46,7 @@ def _check_recipe(recipe, variables, seen):
             train_stage._peft_config(stage)
         cls = stage.config.trainer_config_class()
         if cls is not None:  # the trainer config really accepts every key (bf16 off: no GPU here)
-            kwargs = {**stage.trainer_kwargs, "bf16": False, "gradient_checkpointing": False}
+            kwargs = {**stage.trainer_kwargs, "bf16": False, "activation_checkpointing": False}
             cls(output_dir="/tmp/unused", **kwargs)
         if stage.config.stage == "grid":  # every stage of the sub-recipe, with the first value of every variable
             combo = {k: str(v[0]) for k, v in stage.config.variables.items()}

@@ -624,7 +624,8 @@ def test_every_shipped_stage_parses_and_says_what_it_does(path):
     real_scale = path.parent in (ROOT / "recipes" / "unlearning" / "book", ROOT / "recipes" / "unlearning" / "tofu")
     cpu = not real_scale
     if stage.config.stage in ("sft", "train") and cpu:
-        assert stage.trainer_kwargs.get("gradient_checkpointing") is False, path
+        kw = stage.trainer_kwargs
+        assert kw.get("activation_checkpointing", kw.get("gradient_checkpointing")) is False, path
         assert stage.trainer_kwargs.get("bf16") is False, path
 
 

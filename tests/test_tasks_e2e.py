@@ -273,3 +273,41 @@ def test_prior_weight_diagnostic_buckets(tiny_tokenizer):
     first_aromi = 1.0
     first_river = 1.0 + next(i for i, (s, e) in enumerate(spans) if s <= row["completion"].index("riverside") < e)
     assert out["value_first"] == pytest.approx((first_aromi + first_river) / 2)
+
+
+def test_synthetic_noise_states_habits_and_other_slots_bound_the_mr():
+    from tokentrain.tasks.e2e import HABITS
+
+    assert make_synthetic_e2e(300, seed=4, other_slots=(2, 7), noise=0.0) == make_synthetic_e2e(300, seed=4)
+    rows = make_synthetic_e2e(2000, seed=0, other_slots=(1, 3), noise=0.3)
+    assert {len(parse_mr(r["mr"])) for r in rows} == {2, 3, 4}
+    slips = mentions = 0
+    for r in rows:
+        pairs = parse_mr(r["mr"])
+        said = ", ".join(
+            f"{s}[{v if ok else HABITS[s]}]" for (s, v), ok in zip(pairs, realised_slots(r["mr"], r["ref"]))
+        )
+        # every slot the description misses is one where it states the habit instead (and the name is never missed)
+        assert all(realised_slots(said, r["ref"])), r
+        assert realised_slots(r["mr"], r["ref"])[0]
+        mentions += sum(v != HABITS[s] for s, v in pairs[1:])
+        slips += sum(not ok for ok in realised_slots(r["mr"], r["ref"]))
+    assert 0.25 < slips / mentions < 0.35  # each non-habit value slips with probability 0.3
+    clean = sum(is_clean(r["mr"], r["ref"]) for r in rows) / len(rows)
+    assert 0.5 < clean < 0.8, clean
+    with pytest.raises(ValueError, match="noise"):
+        make_synthetic_e2e(5, seed=0, noise=1.0)
+    with pytest.raises(ValueError, match="other_slots"):
+        make_synthetic_e2e(5, seed=0, other_slots=(3, 8))
+
+
+def test_contradicted_slots_flags_another_value_of_the_slot():
+    from tokentrain.tasks.e2e import contradicted_slots
+
+    mr = "name[Aromi], eatType[pub], priceRange[£20-25], area[riverside]"
+    # "a restaurant" states another eatType, "in the city centre" another area; £20-25 is not "less than £20"
+    text = "Aromi is a restaurant. It costs £20-25 and is in the city centre."
+    assert contradicted_slots(mr, text) == [False, True, False, True]
+    assert realised_slots(mr, text) == [True, False, True, False]
+    assert contradicted_slots(mr, "Aromi is a pub by the river. It costs £20-25.") == [False] * 4
+    assert contradicted_slots(mr, "Zizzi is a pub.")[0]  # another name

@@ -27,6 +27,17 @@ class Config(StageConfig):
     )
     data_dir: str = field(default="{data_dir}", metadata={"help": "Folder of the shared data (task 'e2e')."})
     num_rows: int = field(default=2000, metadata={"help": "Rows generated for 'e2e_synthetic'."})
+    other_slots: list = field(
+        default_factory=lambda: [2, 7],
+        metadata={"help": "e2e_synthetic: [min, max] slots per MR besides the name."},
+    )
+    noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "e2e_synthetic: probability that a description states a slot's habitual value instead of the "
+            "MR's (tasks/e2e.py HABITS); the clean rows (Rho-1's RM data) are those without such a slip."
+        },
+    )
     vocab_size: int = field(default=512, metadata={"help": "Vocabulary of the tokenizer trained in code."})
     splits: dict = field(
         default_factory=dict,
@@ -47,7 +58,12 @@ def run(stage: Stage, ctx: StageContext) -> None:
             raise FileNotFoundError(f"E2E data not found at {data_dir}: set --data_dir or $TOKENTRAIN_DATA")
         train, test = e2e.split_e2e(e2e.load_e2e(data_dir))
     elif cfg.task == "e2e_synthetic":
-        rows = e2e.make_synthetic_e2e(cfg.num_rows, cfg.seed)
+        if not (isinstance(cfg.other_slots, list) and len(cfg.other_slots) == 2):
+            raise ConfigError(f"{stage.name}: other_slots must be [min, max], got {cfg.other_slots!r}")
+        try:
+            rows = e2e.make_synthetic_e2e(cfg.num_rows, cfg.seed, tuple(cfg.other_slots), cfg.noise)
+        except ValueError as e:
+            raise ConfigError(f"{stage.name}: {e}") from None
         train, test = e2e.split_e2e(rows, num_test=max(10, len({r["mr"] for r in rows}) // 10))
     else:
         raise ConfigError(f"{stage.name}: task must be one of {list(TASKS)}, got {cfg.task!r}")

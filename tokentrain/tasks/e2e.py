@@ -192,6 +192,14 @@ def slot_accuracy(mrs: Sequence[str], texts: Sequence[str]) -> tuple[int, int]:
     return realised, total
 
 
+def contradicted_slots(mr: str, text: str) -> list[bool]:
+    """One bool per (slot, value) of `mr`, in MR order: does `text` realise another value of that slot from the
+    synthetic rows' vocabulary (an invented or habitual value; slot accuracy counts only the MR's own values)?"""
+    words = _words(text)
+    s = " ".join(words)
+    return [any(_rule(slot, v)(s, words) for v in _VALUES.get(slot, ()) if v != value) for slot, value in parse_mr(mr)]
+
+
 def is_clean(mr: str, ref: str) -> bool:
     """A 'clean' row realises every slot of its MR (the rows Rho-1's reference model is trained on)."""
     return all(realised_slots(mr, ref))
@@ -295,32 +303,61 @@ def _article(word: str) -> str:
     return "an" if word[0].lower() in "aeiou" else "a"
 
 
-def make_synthetic_e2e(n: int, seed: int) -> list[dict]:
-    """`n` rows {'mr', 'ref'} made from templates: random slot subsets (name always present, 2-7 others), MR in the
-    E2E slot order, several phrasings per value, clauses in random order. Deterministic per seed; every description
-    realises every slot of its MR under the matcher (the quickstart's data when ../shared is absent)."""
+# A careless writer's habit: the value a noisy description states for a slot whatever its MR says. It is text that a
+# text-only LM learns to expect (PRIOR's reference finds it easy) and that the clean-row RM finds unlikely given the MR.
+HABITS = {
+    "eatType": "restaurant",
+    "food": "English",
+    "priceRange": "moderate",
+    "customer rating": "average",
+    "area": "city centre",
+    "familyFriendly": "yes",
+    "near": "Café Rouge",
+}
+
+
+def make_synthetic_e2e(n: int, seed: int, other_slots: tuple[int, int] = (2, 7), noise: float = 0.0) -> list[dict]:
+    """`n` rows {'mr', 'ref'} made from templates: random slot subsets (name always present, `other_slots` others),
+    MR in the E2E slot order, several phrasings per value, clauses in random order. Deterministic per seed.
+
+    With `noise` = 0 every description realises every slot of its MR under the matcher (the quickstart's data when
+    ../shared is absent). With `noise` = q each other slot's description states, with probability q, the writer's
+    habit `HABITS[slot]` instead of the MR's value: MR-independent text that NTP learns as it learns the truth, and
+    the row is no longer clean unless every such value happens to equal the MR's (like real E2E references, which miss
+    or misstate about a tenth of their slots).
+    """
+    lo, hi = other_slots
+    if not 0 <= lo <= hi <= len(SLOTS) - 1:
+        raise ValueError(f"other_slots must be [lo, hi] with 0 <= lo <= hi <= {len(SLOTS) - 1}, got {other_slots}")
+    if not 0.0 <= noise < 1.0:
+        raise ValueError(f"noise must be in [0, 1), got {noise}")
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        others = rng.sample(SLOTS[1:], rng.randint(2, len(SLOTS) - 1))
+        others = rng.sample(SLOTS[1:], rng.randint(lo, hi))
         mr_slots = {"name": rng.choice(_VALUES["name"])}
         mr_slots.update({slot: rng.choice(_VALUES[slot]) for slot in others})
         mr = ", ".join(f"{slot}[{mr_slots[slot]}]" for slot in SLOTS if slot in mr_slots)
+        said = dict(mr_slots)  # the values the description states
+        if noise:
+            for slot in SLOTS[1:]:
+                if slot in said and rng.random() < noise:
+                    said[slot] = HABITS[slot]
 
         # Opening sentence: name + eatType (the noun), with the food as an adjective half of the time.
-        noun = rng.choice(_EAT_NOUNS[mr_slots.get("eatType")])
-        clause_slots = [slot for slot in SLOTS[2:] if slot in mr_slots]
-        if "food" in mr_slots and rng.random() < 0.5:
-            noun = f"{mr_slots['food'].replace('Fast', 'fast')} {noun}"
+        noun = rng.choice(_EAT_NOUNS[said.get("eatType")])
+        clause_slots = [slot for slot in SLOTS[2:] if slot in said]
+        if "food" in said and rng.random() < 0.5:
+            noun = f"{said['food'].replace('Fast', 'fast')} {noun}"
             clause_slots.remove("food")
-        name = mr_slots["name"]
+        name = said["name"]
         opening = rng.choice(_OPENINGS).format(name=name, a=_article(noun), noun=noun)
 
         # One clause per remaining slot, in random order, joined in sentences of one or two clauses.
         rng.shuffle(clause_slots)
         clauses = []
         for slot in clause_slots:
-            value = mr_slots[slot]
+            value = said[slot]
             options = _CLAUSES["fast food" if value == "Fast food" else slot]
             options = options[value] if isinstance(options, dict) else options
             clauses.append(rng.choice(options).format(v=value))
