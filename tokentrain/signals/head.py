@@ -33,6 +33,7 @@ MIN_DIRECT_ROWS = 64  # fewer positions per full-V chunk re-read the (V, H) head
 FUSED_ROWS = 1024  # positions per fused chunk: the head weight is read once per this many positions
 MIN_VOCAB_TILE = 256
 PATHS = ("auto", "direct", "fused")
+_MM_TO_FP32 = [True]  # whether torch.mm(..., out_dtype=float32) works here (set False on its first failure)
 
 
 def logit_transform(model) -> tuple[float, float | None]:
@@ -74,8 +75,12 @@ def project(model, hidden: torch.Tensor, transform, start: int = 0, end: int | N
     hidden = hidden.to(weight.device)
     if weight.dtype == torch.float32 and hidden.dtype == torch.float32:
         logits = hidden @ weight.t()
-    elif hidden.device.type == "cuda" and weight.dtype in (torch.float16, torch.bfloat16):
-        logits = torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=torch.float32)  # fp32 accumulate and output
+    elif hidden.device.type == "cuda" and weight.dtype in (torch.float16, torch.bfloat16) and _MM_TO_FP32[0]:
+        try:  # fp32 accumulate and output (aten::mm.dtype, a CUDA kernel)
+            logits = torch.mm(hidden.to(weight.dtype), weight.t(), out_dtype=torch.float32)
+        except (NotImplementedError, RuntimeError, TypeError):  # a build or GPU without it: upcast instead, from now on
+            _MM_TO_FP32[0] = False
+            logits = hidden.float() @ weight.float().t()
     else:
         logits = hidden.float() @ weight.float().t()  # CPU low precision: upcast, never round the product
     if head.bias is not None:
