@@ -374,6 +374,7 @@ def test_signal_meta_names_the_tokenizer_so_inspect_works_from_any_folder(
 @pytest.mark.slow
 def test_wheel_installs_and_runs_a_quickstart_from_another_folder(tmp_path):
     """A plain (non-editable) install: the quickstart, the accelerate configs and launch.sh come from the package."""
+    import os
     import site
     import venv
 
@@ -398,7 +399,16 @@ def test_wheel_installs_and_runs_a_quickstart_from_another_folder(tmp_path):
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     python = env_dir / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], check=True, timeout=600)
+    clean = {
+        k: v for k, v in os.environ.items() if k != "PYTHONPATH"
+    }  # a checkout on the path would count as installed
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", str(wheel)],
+        check=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=clean,
+    )
     # the dependencies (torch, TRL, ...) from this interpreter's site-packages; the editable tokentrain there is
     # loaded through a .pth file, which PYTHONPATH entries do not process, so `import tokentrain` finds the wheel
     env = {
