@@ -68,7 +68,9 @@ ALPHA = 0.8
 # ------------------------------------------------------------------------------------------------------ trainers
 
 
-def build_trainers(out_dir: str) -> dict:
+def build_trainers(out_dir: str, head_rows: int = 0) -> dict:
+    """The three trainers; `head_rows` > the tokenizer's size widens the (tied) embedding and LM head to that many rows
+    (a real vocabulary's share of the work in the heads; the rows' ids stay below the tokenizer's size)."""
     from trl import SFTConfig, SFTTrainer
 
     from tokentrain.trainers.concept_heads import ConceptHeadsConfig, ConceptHeadsTrainer
@@ -82,11 +84,11 @@ def build_trainers(out_dir: str) -> dict:
         rows.append({"prompt": "<s>" + " ".join(words[:12]) + "<sep>", "completion": " " + " ".join(words[12:])})
     data = Dataset.from_list(rows)
     heads_dir = os.path.join(out_dir, "heads")
-    model = tiny_llama(tokenizer, seed=0, **MODEL)
+    model = _widened(tiny_llama(tokenizer, seed=0, **MODEL), head_rows)
     AuxHeads.attach(model, AuxHeadsConfig(HEADS, "decoder_layer")).save(heads_dir)  # phase-1 heads (at init)
     common = common_args(BATCH, SEQ)
     trainers = {}
-    model = tiny_llama(tokenizer, seed=0, **MODEL)
+    model = _widened(tiny_llama(tokenizer, seed=0, **MODEL), head_rows)
     n_params = sum(p.numel() for p in model.parameters())
     args = SFTConfig(output_dir=os.path.join(out_dir, "trl"), **common)
     trainers["trl"] = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
@@ -100,7 +102,7 @@ def build_trainers(out_dir: str) -> dict:
             heads_path=heads_dir if beta > 0 else None,
             **common,
         )
-        model = tiny_llama(tokenizer, seed=0, **MODEL)
+        model = _widened(tiny_llama(tokenizer, seed=0, **MODEL), head_rows)
         trainers[name] = ConceptHeadsTrainer(model, args, train_dataset=data, processing_class=tokenizer)
     for trainer in trainers.values():
         trainer.remove_callback(PrinterCallback)
@@ -114,25 +116,33 @@ def build_trainers(out_dir: str) -> dict:
     return trainers
 
 
-def bench_trainers(quick: bool) -> None:
+def _widened(model, head_rows: int):
+    if head_rows and head_rows > model.get_output_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(head_rows, mean_resizing=False)
+    return model
+
+
+def bench_trainers(quick: bool, head_rows: int = 0) -> None:
     warmup, cycles = (1, 3) if quick else (2, 16)
+    tag = f"_v{head_rows // 1024}k" if head_rows else ""  # figure names: concept_heads_v32k/..., trl_sft_v32k/...
     with tempfile.TemporaryDirectory() as out_dir:
-        trainers = build_trainers(out_dir)
+        trainers = build_trainers(out_dir, head_rows)
         overheads = {n: time_loss_overhead(t) for n, t in trainers.items()}
         timers = interleaved_steps(trainers, warmup + cycles + 1)  # + 1: the memory probe
     kept = slice(warmup, warmup + cycles)
-    report_times(timers, overheads, kept, "trl_sft", "concept_heads", ("ntp", "caft"))
+    base, prefix = f"trl_sft{tag}", f"concept_heads{tag}"
+    report_times(timers, overheads, kept, base, prefix, ("ntp", "caft"))
     caft, ntp = timers["caft"].steps[kept], timers["ntp"].steps[kept]
     ratios = [a / b for a, b in zip(caft, ntp)]
-    emit("concept_heads/caft_step_time_vs_ntp", statistics.median(ratios), "ratio")
+    emit(f"{prefix}/caft_step_time_vs_ntp", statistics.median(ratios), "ratio")
     note(f"caft / ntp step-time ratio per cycle: {spread(ratios)}")
 
     peaks = {n: t.peak for n, t in timers.items()}
-    emit("concept_heads/caft_peak_mem_vs_trl", peaks["caft"] / peaks["trl"], "ratio")
-    emit("concept_heads/ntp_peak_mem_vs_trl", peaks["ntp"] / peaks["trl"], "ratio")
-    emit("concept_heads/caft_peak_mem_vs_ntp", peaks["caft"] / peaks["ntp"], "ratio")
+    emit(f"{prefix}/caft_peak_mem_vs_trl", peaks["caft"] / peaks["trl"], "ratio")
+    emit(f"{prefix}/ntp_peak_mem_vs_trl", peaks["ntp"] / peaks["trl"], "ratio")
+    emit(f"{prefix}/caft_peak_mem_vs_ntp", peaks["caft"] / peaks["ntp"], "ratio")
     for name, peak in peaks.items():
-        emit(f"{'trl_sft' if name == 'trl' else 'concept_heads/' + name}/peak_mem_bytes", peak, "bytes")
+        emit(f"{base if name == 'trl' else prefix + '/' + name}/peak_mem_bytes", peak, "bytes")
 
 
 # ---------------------------------------------------------------------------------------------------------- loss
@@ -220,14 +230,24 @@ def bench_loss(quick: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.concept_heads", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 timed cycles instead of 16, vocab 32k only")
+    parser.add_argument(
+        "--head_rows",
+        type=int,
+        nargs="*",
+        default=[0],
+        help="LM-head widths for the step-time part (0: the tokenizer's 8,192), e.g. --head_rows 32768 131072",
+    )
+    parser.add_argument("--skip_loss", action="store_true", help="only the step-time part")
     args = parser.parse_args(argv)
     hf_logging.set_verbosity_error()
     logging.getLogger("tokentrain").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     t0 = time.perf_counter()
     note(f"torch {torch.__version__}, {os.cpu_count()} CPUs, quick={args.quick}")
-    bench_trainers(args.quick)
-    bench_loss(args.quick)
+    for rows in args.head_rows:
+        bench_trainers(args.quick, rows)
+    if not args.skip_loss:
+        bench_loss(args.quick)
     note(f"done in {time.perf_counter() - t0:.0f}s")
     return 0
 
