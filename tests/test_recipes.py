@@ -555,3 +555,20 @@ def test_recipe_dir_names_a_file_beside_the_recipe_wherever_the_run_starts(tmp_p
     labels = mini / "alice" / "02_labels.yaml"  # a stage of the grid's sub-recipe, given the outer recipe's variables
     stage = load_stage(labels, {}, {**own, "run_dir": str(tmp_path), "top_dir": str(tmp_path), "seed": "0"})
     assert stage.config.anchor_terms == own["terms"]
+
+
+def test_quickstart_takes_overrides_as_run_does(monkeypatch, tmp_path, capsys):
+    """`tokentrain quickstart weighted_ntp --activation_checkpointing true` was refused ("takes no extra options"):
+    the quickstart's keys are overridden as `tokentrain run` overrides a recipe's, and an unknown key is an error
+    before anything runs."""
+    import tokentrain.recipes as recipes
+
+    seen = []
+    real = recipes.run_recipe
+    monkeypatch.setattr(recipes, "run_recipe", lambda recipe, run_dir, data, overrides, *a, **k: seen.append(overrides))
+    argv = ["quickstart", "weighted_ntp", "--run_dir", str(tmp_path / "qs"), "--activation_checkpointing", "true"]
+    assert main([*argv, "--05_ntp.learning_rate", "1e-3"]) == 0
+    assert seen == [{"activation_checkpointing": "true", "05_ntp.learning_rate": "1e-3"}]
+    monkeypatch.setattr(recipes, "run_recipe", real)
+    assert main(["quickstart", "weighted_ntp", "--run_dir", str(tmp_path / "qs2"), "--no_such_key", "1"]) != 0
+    assert "no_such_key" in capsys.readouterr().err and not (tmp_path / "qs2").exists()

@@ -81,7 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="write PNG plots of a run folder (training curves, grids, weights)")
     p.add_argument("run_dir", help="a run folder (tokentrain run's --run_dir) or any stage output inside it")
     p.add_argument("--out", default=None, help="folder of the PNGs (default <run_dir>/plots)")
-    p = sub.add_parser("quickstart", help="a complete small pipeline on CPU with data made in code")
+    p = sub.add_parser(
+        "quickstart",
+        help="a complete small pipeline on CPU with data made in code",
+        epilog="Any other --key value (every stage) or --<stage>.key value (one stage) overrides the quickstart "
+        "recipe's keys, as with `tokentrain run`.",
+    )
     p.add_argument("stem", nargs="?", default="weighted_ntp", help=f"one of {', '.join(_quickstarts())}")
     p.add_argument("--run_dir", default=None, help="default runs/quickstart/<stem>")
     p.add_argument("--overwrite", action="store_true", help="redo every stage")
@@ -139,9 +144,7 @@ def _dispatch(args, rest: list[str]) -> None:
     if args.command == "quickstart":
         from .quickstart import quickstart
 
-        if rest:
-            raise ValueError(f"quickstart takes no extra options: {rest}")
-        return quickstart(args.stem, args.run_dir, args.overwrite)
+        return quickstart(args.stem, args.run_dir, args.overwrite, parse_override_args(rest))
     if args.command in STAGES:
         # the optional stage file is the first leftover argument (argparse would take a --key's value for it)
         args.file = rest.pop(0) if rest and not rest[0].startswith("-") else None

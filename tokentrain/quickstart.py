@@ -22,8 +22,9 @@ def shipped() -> Path:
 QUICKSTARTS = shipped() / "quickstart"
 
 
-def quickstart(stem: str, run_dir: str | None = None, overwrite: bool = False) -> None:
-    """Run recipes/quickstart/<stem>/ into `run_dir` (default runs/quickstart/<stem>) and print its results."""
+def quickstart(stem: str, run_dir: str | None = None, overwrite: bool = False, overrides: dict | None = None) -> None:
+    """Run recipes/quickstart/<stem>/ into `run_dir` (default runs/quickstart/<stem>) and print its results;
+    `overrides` (`--key value`, `--<stage>.key value`) as for `tokentrain run`."""
     from .config import recipe_stages
     from .data import read_meta
     from .recipes import run_recipe
@@ -44,7 +45,7 @@ def quickstart(stem: str, run_dir: str | None = None, overwrite: bool = False) -
     for f in files:
         first = f.read_text().splitlines()[0]
         print(f"  {f.name:<22} {first.lstrip('# ') if first.startswith('#') else ''}")
-    run_recipe(recipe, run_dir, None, {}, overwrite)
+    run_recipe(recipe, run_dir, None, overrides or {}, overwrite)
     if stem == "unlearning":
         return _unlearning_summary(run_dir, time.time() - start)
     # the evaluate stage printed the results table on the held-out rows (and any diagnostic) just above
