@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from .tokens import left_padded
+
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<sep>")
@@ -287,13 +289,8 @@ def generate(
     texts: dict[int, str] = {}
     for start in progress_display(range(0, len(order), batch_size), desc=desc, enabled=progress):
         batch = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, i in enumerate(batch):
-            n = len(prompts[i])
-            input_ids[b, width - n :] = torch.tensor(prompts[i])
-            attention_mask[b, width - n :] = 1
+        input_ids, attention_mask = left_padded([prompts[i] for i in batch], pad_id)
+        width = input_ids.shape[1]
         sampling = (
             {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": top_k}
             if do_sample

@@ -29,3 +29,16 @@ def naive_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     targets = labels[:, 1:]
     gathered = logps.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return gathered.masked_fill(targets == IGNORE_INDEX, 0.0)
+
+
+def left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, W) long, of token-id rows left-padded to the longest (for generation):
+    e.g. [[5, 6], [7]] with pad 0 -> [[5, 6], [0, 7]], [[1, 1], [0, 1]]."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        if row:
+            input_ids[b, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+            attention_mask[b, width - len(row) :] = 1
+    return input_ids, attention_mask

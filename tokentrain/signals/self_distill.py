@@ -27,7 +27,7 @@ import torch
 
 from ..data import SignalAlignmentError, require_columns
 from ..data import prompt_ids as tokenize_prompt
-from ..tokens import IGNORE_INDEX
+from ..tokens import IGNORE_INDEX, left_padded
 
 logger = logging.getLogger(__name__)
 
@@ -126,13 +126,8 @@ def sample_completions(
     results = []
     try:
         for batch in progress_display(batches, desc="Sampling", enabled=progress and accelerator.is_main_process):
-            width = max(len(prompts[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T) left-padded
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, i in enumerate(batch):
-                n = len(prompts[i])
-                input_ids[b, width - n :] = torch.tensor(prompts[i])
-                attention_mask[b, width - n :] = 1
+            input_ids, attention_mask = left_padded([prompts[i] for i in batch], pad_id)  # (B, T)
+            width = input_ids.shape[1]
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=sampling
             )

@@ -176,6 +176,7 @@ def greedy_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, 
     from transformers import GenerationConfig
 
     from ..signals.self_distill import stop_token_ids
+    from ..tokens import left_padded
 
     stops = stop_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
@@ -189,13 +190,8 @@ def greedy_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, 
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
-            width = max(len(prompts[i]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T) left-padded
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, i in enumerate(batch):
-                n = len(prompts[i])
-                input_ids[b, width - n :] = torch.tensor(prompts[i])
-                attention_mask[b, width - n :] = 1
+            input_ids, attention_mask = left_padded([prompts[i] for i in batch], pad_id)  # (B, T)
+            width = input_ids.shape[1]
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
             )
